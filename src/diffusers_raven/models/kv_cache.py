@@ -1,0 +1,369 @@
+"""The KV cache of a streaming causal video transformer (METHOD.md §2).
+
+A cache holds, for every transformer block, the self-attention keys and values of the latent frames written so far,
+and the cross-attention keys and values of the current prompt. Frames are the unit of bookkeeping: a frame is
+``tokens_per_frame`` tokens, and the cache decides, for a chunk starting at frame ``s``, which earlier frames that
+chunk may see (global history, or a window of ``window_frames`` frames with ``sink_frames`` attention sinks, or a
+KVPO routing).
+
+Storage is a buffer of frame *slots* per layer, ``[batch, slots, tokens_per_frame, heads, head_dim]``:
+
+- global cache: slot ``i`` holds frame ``i``; the buffer grows by doubling;
+- windowed cache: slots ``[0, sink_frames)`` hold the sink frames, the rest is a rolling buffer in which frame ``i``
+  lands in slot ``sink + (i - sink) % ring``. Memory is constant however long the stream runs.
+
+Keys are stored after rotary embedding at their absolute frame index (``rope="absolute"``, as Self Forcing does),
+or before it (``rope="relative"``): then the attention applies positions relative to the visible frames, so a stream
+can run past the model's RoPE table.
+
+``snapshot()`` is O(1): it keeps references to the buffers and marks them shared, and the next write copies a shared
+buffer before writing into it (copy on write), so a snapshot never sees later writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_ROPE_MODES = ("absolute", "relative")
+
+
+def visible_history(frame_start: int, chunk_frames: int, window_frames: int | None, sink_frames: int) -> range | list:
+    """Frames before ``frame_start`` that a chunk of ``chunk_frames`` frames starting there attends to (METHOD §2).
+
+    Global attention (``window_frames=None``) sees every earlier frame. With a window of ``W`` frames counting the
+    current chunk and ``S`` sinks, it sees the first ``S`` frames and the ``W - S - chunk_frames`` most recent ones.
+    """
+    if window_frames is None:
+        return range(frame_start)
+    recent = max(window_frames - sink_frames - chunk_frames, 0)
+    sinks = list(range(min(sink_frames, frame_start)))
+    first_recent = max(frame_start - recent, len(sinks))
+    return sinks + list(range(first_recent, frame_start))
+
+
+def check_window(window_frames: int | None, sink_frames: int, chunk_frames: int) -> None:
+    """Validate a window/sink setting against the chunk size (clear errors naming the argument)."""
+    if not isinstance(sink_frames, int) or sink_frames < 0:
+        raise ValueError(f"`sink_frames` must be a non-negative integer, got {sink_frames!r}.")
+    if window_frames is None:
+        if sink_frames:
+            raise ValueError("`sink_frames` needs a window: set `window_frames` too (or `sink_frames=0`).")
+        return
+    if not isinstance(window_frames, int) or window_frames < chunk_frames + sink_frames:
+        raise ValueError(
+            f"`window_frames` ({window_frames!r}) must be an integer of at least the chunk size plus the sink frames "
+            f"({chunk_frames} + {sink_frames} = {chunk_frames + sink_frames})."
+        )
+
+
+@dataclass
+class KVCacheSnapshot:
+    """The state of a :class:`KVCache` at one moment (buffers are shared with the cache until it writes)."""
+
+    keys: list
+    values: list
+    slot_frame: torch.Tensor
+    num_frames: int
+    text: dict
+    text_fingerprint: Any
+
+
+@dataclass
+class _Routing:
+    selected: list[int]
+    recent_frames: int
+    frames: list[int] = field(default_factory=list)
+
+
+class KVCache:
+    """Per-layer self-attention K/V of the frames written so far, plus the per-prompt cross-attention K/V.
+
+    Build it from a model with :meth:`for_model`; every size comes from the model's config, and the number of tokens
+    per frame is taken from the first chunk written (it depends on the video resolution).
+
+    Args:
+        num_layers: number of transformer blocks.
+        batch_size: batch size of the stream (twice the prompts when classifier-free guidance is batched).
+        num_heads, head_dim: attention geometry of the model.
+        chunk_frames: latent frames per chunk (the model's ``num_frames_per_chunk``).
+        window_frames: attention window in latent frames, counting the current chunk; ``None`` keeps all frames.
+        sink_frames: number of first frames that stay visible forever (attention sinks); needs a window.
+        rope: ``"absolute"`` (keys cached after RoPE at their frame index) or ``"relative"`` (positions relative to
+            the visible window, so streams may run past the RoPE table).
+        max_rope_frames: size of the model's RoPE table in frames (``rope_max_seq_len``).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        chunk_frames: int = 3,
+        window_frames: int | None = None,
+        sink_frames: int = 0,
+        rope: str = "absolute",
+        max_rope_frames: int = 1024,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if rope not in _ROPE_MODES:
+            raise ValueError(f"`rope` must be one of {_ROPE_MODES}, got {rope!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        check_window(window_frames, sink_frames, chunk_frames)
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.chunk_frames = chunk_frames
+        self.window_frames = window_frames
+        self.sink_frames = sink_frames
+        self.rope = rope
+        self.max_rope_frames = max_rope_frames
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        # A window of W frames shows at most W - S - 1 recent frames (to a chunk of one frame).
+        self.ring_frames = None if window_frames is None else window_frames - sink_frames - 1
+        self.tokens_per_frame: int | None = None
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._shared = [False] * num_layers
+        self.slot_frame = torch.empty(0, dtype=torch.long)
+        self.num_frames = 0
+        self.text: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text_fingerprint: Any = None
+        self._routing: _Routing | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_model(
+        cls,
+        transformer,
+        batch_size: int,
+        window_frames: int | None = None,
+        sink_frames: int = 0,
+        rope: str = "absolute",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache shaped for ``transformer`` (a Wan-family model), with sizes read from its config."""
+        config = transformer.config
+        p_t = config.patch_size[0]
+        return cls(
+            num_layers=config.num_layers,
+            batch_size=batch_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim,
+            chunk_frames=getattr(config, "num_frames_per_chunk", 3) // p_t,
+            window_frames=window_frames,
+            sink_frames=sink_frames,
+            rope=rope,
+            max_rope_frames=config.rope_max_seq_len,
+            dtype=dtype if dtype is not None else transformer.dtype,
+            device=device if device is not None else transformer.device,
+        )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_windowed(self) -> bool:
+        return self.window_frames is not None
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slot_frame.numel())
+
+    @property
+    def cached_frames(self) -> list[int]:
+        """Indices of the frames currently held, in increasing order."""
+        return sorted(int(f) for f in self.slot_frame.tolist() if f >= 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (self-attention buffers and text K/V)."""
+        total = sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        total += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.text.values())
+        return total
+
+    def reset(self) -> None:
+        """Forget every frame and the prompt (keep the configuration)."""
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self._shared = [False] * self.num_layers
+        self.slot_frame = torch.empty(0, dtype=torch.long)
+        self.num_frames = 0
+        self.tokens_per_frame = None
+        self.reset_text()
+        self._routing = None
+
+    def reset_text(self) -> None:
+        """Drop the cross-attention K/V (a prompt switch); they are recomputed on the next forward."""
+        self.text = {}
+        self.text_fingerprint = None
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> KVCacheSnapshot:
+        """A cheap copy of the state: the buffers are shared until the cache writes again (copy on write)."""
+        self._shared = [True] * self.num_layers
+        return KVCacheSnapshot(
+            keys=list(self.keys),
+            values=list(self.values),
+            slot_frame=self.slot_frame.clone(),
+            num_frames=self.num_frames,
+            text=dict(self.text),
+            text_fingerprint=self.text_fingerprint,
+        )
+
+    def restore(self, snapshot: KVCacheSnapshot) -> None:
+        """Return to the state of ``snapshot`` (which stays valid and can be restored again)."""
+        self.keys = list(snapshot.keys)
+        self.values = list(snapshot.values)
+        self._shared = [True] * self.num_layers
+        self.slot_frame = snapshot.slot_frame.clone()
+        self.num_frames = snapshot.num_frames
+        self.text = dict(snapshot.text)
+        self.text_fingerprint = snapshot.text_fingerprint
+        self._routing = None
+
+    # ------------------------------------------------------------------ visibility
+    def route(self, selected_frames: list[int] | None, recent_frames: int = 0) -> None:
+        """Route the history of the next chunks (KVPO, METHOD §2 and §7).
+
+        While routed, a chunk sees ``[sink frames] + selected_frames + [the recent_frames most recent frames]``
+        instead of its window. ``route(None)`` returns to normal visibility.
+        """
+        if selected_frames is None:
+            self._routing = None
+            return
+        selected = sorted({int(f) for f in selected_frames})
+        if recent_frames < 0:
+            raise ValueError(f"`recent_frames` must be non-negative, got {recent_frames!r}.")
+        held = set(self.cached_frames)
+        missing = [f for f in selected if f not in held]
+        if missing:
+            raise ValueError(
+                f"`selected_frames` names frames the cache does not hold: {missing}. Held: {self.cached_frames}."
+            )
+        self._routing = _Routing(selected=selected, recent_frames=recent_frames)
+
+    def visible_frames(self, frame_start: int, chunk_frames: int) -> list[int]:
+        """The cached frames a chunk of ``chunk_frames`` frames starting at ``frame_start`` attends to, in order."""
+        held = {f for f in self.slot_frame.tolist() if 0 <= f < frame_start}
+        if self._routing is not None:
+            sinks = [f for f in range(self.sink_frames) if f in held]
+            recent = sorted(held)[-self._routing.recent_frames :] if self._routing.recent_frames else []
+            frames = sorted(set(sinks) | set(self._routing.selected) | set(recent))
+            return [f for f in frames if f < frame_start]
+        wanted = visible_history(frame_start, chunk_frames, self.window_frames, self.sink_frames)
+        # Frames outside the cache (e.g. before a re-cache after a prompt switch) are simply not visible.
+        return [f for f in wanted if f in held]
+
+    def _slots_of(self, frames: list[int]) -> torch.Tensor:
+        lookup = {int(f): i for i, f in enumerate(self.slot_frame.tolist()) if f >= 0}
+        return torch.tensor([lookup[f] for f in frames], dtype=torch.long)
+
+    def read(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``frames`` at ``layer`` as ``[batch, len(frames) * tokens_per_frame, heads, dim]``."""
+        keys, values = self.keys[layer], self.values[layer]
+        if not frames or keys is None:
+            shape = (self.batch_size, 0, self.num_heads, self.head_dim)
+            empty = torch.empty(shape, dtype=self.dtype, device=self.device)
+            return empty, empty
+        slots = self._slots_of(frames)
+        n = len(frames)
+        if torch.equal(slots, torch.arange(n)):  # a prefix of the buffer: a view, no copy
+            k, v = keys[:, :n], values[:, :n]
+        else:
+            slots = slots.to(keys.device)
+            k, v = keys.index_select(1, slots), values.index_select(1, slots)
+        return k.flatten(1, 2), v.flatten(1, 2)
+
+    # ------------------------------------------------------------------ writing
+    def _slot_for(self, frame: int) -> int | None:
+        if not self.is_windowed or frame < self.sink_frames:
+            return frame
+        if self.ring_frames <= 0:
+            return None
+        return self.sink_frames + (frame - self.sink_frames) % self.ring_frames
+
+    def _ensure_capacity(self, slots_needed: int, like: torch.Tensor) -> None:
+        if self.tokens_per_frame is None:
+            self.tokens_per_frame = like.shape[2]
+            self.dtype = like.dtype
+            self.device = like.device
+        if slots_needed <= self.num_slots:
+            return
+        if self.is_windowed:
+            new_slots = self.sink_frames + max(self.ring_frames, 0)
+        else:
+            new_slots = max(slots_needed, 2 * self.num_slots, self.chunk_frames)
+        grow = new_slots - self.num_slots
+        self.slot_frame = torch.cat([self.slot_frame, torch.full((grow,), -1, dtype=torch.long)])
+        for layer in range(self.num_layers):
+            for store in (self.keys, self.values):
+                old = store[layer]
+                shape = (self.batch_size, new_slots, self.tokens_per_frame, self.num_heads, self.head_dim)
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    new[:, : old.shape[1]] = old
+                store[layer] = new
+            self._shared[layer] = False
+
+    def write(self, frame_start: int, layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write the K/V of a chunk of frames starting at ``frame_start`` for every layer in ``layer_kv``.
+
+        Tensors are ``[batch, frames, tokens_per_frame, heads, head_dim]``; keys are post-RoPE (absolute mode) or
+        pre-RoPE (relative mode), as the model's attention produced them. Written under ``no_grad`` semantics: the
+        cache stores detached values.
+        """
+        if not layer_kv:
+            return
+        sample = next(iter(layer_kv.values()))[0]
+        batch, frames, tokens = sample.shape[:3]
+        if batch != self.batch_size:
+            raise ValueError(f"The cache was built for batch size {self.batch_size}, the chunk has {batch}.")
+        if self.tokens_per_frame is not None and tokens != self.tokens_per_frame:
+            raise ValueError(
+                f"The cache holds {self.tokens_per_frame} tokens per frame, the chunk has {tokens}: "
+                "the resolution changed mid-stream; call `reset()` first."
+            )
+        placement = []
+        for i in range(frames):
+            slot = self._slot_for(frame_start + i)
+            if slot is not None:
+                placement.append((slot, i))
+        # Within a chunk a later frame wins a slot shared with an earlier one (ring shorter than a chunk).
+        by_slot = dict(placement)
+        if by_slot:
+            self._ensure_capacity(max(by_slot) + 1, sample)
+        slots = torch.tensor(list(by_slot), dtype=torch.long)
+        rows = torch.tensor(list(by_slot.values()), dtype=torch.long)
+        for layer, (k, v) in layer_kv.items():
+            if not by_slot:
+                break
+            if self._shared[layer]:
+                self.keys[layer] = self.keys[layer].clone()
+                self.values[layer] = self.values[layer].clone()
+                self._shared[layer] = False
+            dev_slots, dev_rows = slots.to(k.device), rows.to(k.device)
+            self.keys[layer].index_copy_(1, dev_slots, k.detach().index_select(1, dev_rows).to(self.dtype))
+            self.values[layer].index_copy_(1, dev_slots, v.detach().index_select(1, dev_rows).to(self.dtype))
+        if by_slot:
+            self.slot_frame = self.slot_frame.clone()
+            for slot, row in by_slot.items():
+                self.slot_frame[slot] = frame_start + row
+        self.num_frames = max(self.num_frames, frame_start + frames)
+
+    # ------------------------------------------------------------------ text
+    def has_text(self, fingerprint: Any) -> bool:
+        return self.text_fingerprint == fingerprint and len(self.text) == self.num_layers
+
+    def __repr__(self) -> str:
+        window = "global" if self.window_frames is None else f"window={self.window_frames}, sink={self.sink_frames}"
+        return (
+            f"KVCache(layers={self.num_layers}, batch={self.batch_size}, {window}, rope={self.rope!r}, "
+            f"frames_written={self.num_frames}, held={len(self.cached_frames)}, nbytes={self.nbytes})"
+        )

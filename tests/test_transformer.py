@@ -3,9 +3,9 @@ cache, finite differences."""
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER
 from diffusers import WanTransformer3DModel
 
+from conftest import TINY_TRANSFORMER
 from diffusers_raven import CausalWanTransformer3DModel, KVCache
 
 TOL = 1e-5

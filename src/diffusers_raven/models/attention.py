@@ -135,6 +135,7 @@ class CausalAttentionContext:
     groups: list | None = None
     kv_cache: KVCache | None = None
     visible: list[int] = field(default_factory=list)
+    visible_slots: Any = None
     rope_visible: tuple[torch.Tensor, torch.Tensor] | None = None
     update_cache: bool = False
     use_text_cache: bool = False
@@ -237,7 +238,7 @@ class CausalWanAttnProcessor:
                 stored = raw_key if cache.rope == "relative" else key
                 tpf = context.tokens_per_frame
                 context.pending[self.layer_idx] = (stored.unflatten(1, (-1, tpf)), value.unflatten(1, (-1, tpf)))
-            cached_key, cached_value = cache.read(self.layer_idx, context.visible)
+            cached_key, cached_value = cache.read(self.layer_idx, context.visible, context.visible_slots)
             if cached_key.shape[1]:
                 if cache.rope == "relative":
                     cached_key = apply_rotary(cached_key, *context.rope_visible)

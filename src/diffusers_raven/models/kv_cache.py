@@ -261,21 +261,27 @@ class KVCache:
         # Frames outside the cache (e.g. before a re-cache after a prompt switch) are simply not visible.
         return [f for f in wanted if f in held]
 
-    def _slots_of(self, frames: list[int]) -> torch.Tensor:
+    def locate(self, frames: list[int]) -> slice | torch.Tensor:
+        """Where ``frames`` sit in the buffers: a slice when they are a prefix in order (read as a view), else the
+        slot indices. Compute once per forward and pass to :meth:`read` for every layer."""
         lookup = {int(f): i for i, f in enumerate(self.slot_frame.tolist()) if f >= 0}
-        return torch.tensor([lookup[f] for f in frames], dtype=torch.long)
+        slots = [lookup[f] for f in frames]
+        if slots == list(range(len(slots))):
+            return slice(0, len(slots))
+        return torch.tensor(slots, dtype=torch.long)
 
-    def read(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, frames: list[int], slots: slice | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``frames`` at ``layer`` as ``[batch, len(frames) * tokens_per_frame, heads, dim]``."""
         keys, values = self.keys[layer], self.values[layer]
         if not frames or keys is None:
             shape = (self.batch_size, 0, self.num_heads, self.head_dim)
             empty = torch.empty(shape, dtype=self.dtype, device=self.device)
             return empty, empty
-        slots = self._slots_of(frames)
-        n = len(frames)
-        if torch.equal(slots, torch.arange(n)):  # a prefix of the buffer: a view, no copy
-            k, v = keys[:, :n], values[:, :n]
+        slots = self.locate(frames) if slots is None else slots
+        if isinstance(slots, slice):  # a prefix of the buffer: a view, no copy
+            k, v = keys[:, slots], values[:, slots]
         else:
             slots = slots.to(keys.device)
             k, v = keys.index_select(1, slots), values.index_select(1, slots)

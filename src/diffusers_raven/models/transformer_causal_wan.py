@@ -307,6 +307,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             context.kv_cache = kv_cache
             context.update_cache = update_cache
             context.visible = kv_cache.visible_frames(frame_offset, frames)
+            context.visible_slots = kv_cache.locate(context.visible)
             if kv_cache.rope == "relative":
                 n_visible = len(context.visible)
                 positions = torch.arange(n_visible, n_visible + frames)

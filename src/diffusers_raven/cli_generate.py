@@ -1,0 +1,240 @@
+"""The ``diffusers-raven generate`` sub-command: stream a video from a prompt and write it chunk by chunk.
+
+Heavy imports (torch, diffusers) happen only when the command runs, so ``diffusers-raven --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .cli import CLIError
+
+__all__ = ["RANDOM_MODEL_NOTE", "add_generate_parser", "run_generate"]
+
+RANDOM_MODEL_NOTE = "using a randomly initialised tiny pipeline (the video is noise-like)"
+
+_DESCRIPTION = """\
+Generate a video from a text prompt with a streaming (chunk-by-chunk) causal video diffusion model.
+
+Each chunk of frames is written to the output file as soon as it is decoded, and one line per chunk reports its
+latency. Frame counts follow the model's chunking: with the usual 3 latent frames per chunk and the VAE's 4x
+temporal compression, valid --frames values are 9 (one chunk), 21, 33, 45, ... (12 more per chunk).
+"""
+
+_EPILOG = """\
+models (--model):
+  bundled       the small ShapesWorld model shipped with the package (the default). While no bundled model
+                exists, a randomly initialised tiny pipeline is used instead and the command says so.
+  random-tiny   a randomly initialised tiny pipeline: noise-like video, useful to try the machinery offline.
+  FOLDER        a folder written by CausalVideoPipeline.save_pretrained (or by `diffusers-raven convert` +
+                the other pipeline components).
+  OWNER/NAME    a Hugging Face Hub repository holding such a folder.
+
+examples:
+  diffusers-raven generate --prompt "a red circle moving right on a black background"
+  diffusers-raven generate --prompt "two blue squares bouncing" --frames 45 --output squares.gif
+  diffusers-raven generate --prompt "a red circle moves right" --prompt "a red circle moves left" \\
+      --switch-frames 21 --frames 45           # prompt switch: the second prompt takes over at frame 21
+  diffusers-raven generate --prompt "a green ball rolls" --frames 81 --window-frames 9 --sink-frames 3
+  diffusers-raven generate --model path/to/pipeline --prompt "..." --height 256 --width 256 --steps 4
+"""
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``generate`` sub-command on an ``argparse`` subparsers object."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate a video from a prompt (streamed and written chunk by chunk)",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="what the video shows; repeat it (--prompt A --prompt B) with --switch-frames to change prompt mid-video",
+    )
+    parser.add_argument(
+        "--switch-frames",
+        type=int,
+        nargs="+",
+        metavar="FRAME",
+        help="output frames at which the next --prompt takes over (one per extra prompt, increasing); a switch "
+        "applies from the first chunk starting at or after that frame",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="'bundled' (default; a random tiny pipeline while no bundled model exists), 'random-tiny', a "
+        "pipeline folder or a Hub repository id (see below)",
+    )
+    parser.add_argument("--frames", type=int, default=21, help="number of output frames: 9, 21, 33, ... (default: 21)")
+    parser.add_argument(
+        "--height", type=int, default=None, help="frame height in pixels (default: the model's default size)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="frame width in pixels (default: the model's default size)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps per chunk (default: the scheduler's, 4)"
+    )
+    parser.add_argument(
+        "--window-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="attend only to the last N latent frames (default: the whole history)",
+    )
+    parser.add_argument(
+        "--sink-frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="always keep the first N latent frames in the window (needs --window-frames; default: 0)",
+    )
+    parser.add_argument(
+        "--rope",
+        choices=("absolute", "relative"),
+        default=None,
+        help="positions of cached frames: absolute (default for a fixed length) or relative to the window",
+    )
+    parser.add_argument("--fps", type=float, default=16, help="frames per second of the written video (default: 16)")
+    parser.add_argument(
+        "--output", default="raven.mp4", metavar="PATH", help="output file, .mp4 or .gif (default: raven.mp4)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and notes")
+    parser.set_defaults(func=run_generate)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Checks that need no model; returns the prompt schedule."""
+    prompts = list(args.prompt)
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            which = "--prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
+            raise CLIError(f"{which} is empty: give the text the video should show.")
+    switches = args.switch_frames
+    if len(prompts) > 1 and not switches:
+        raise CLIError(
+            f"{len(prompts)} prompts need --switch-frames with {len(prompts) - 1} frame(s) at which to switch."
+        )
+    if switches and len(switches) != len(prompts) - 1:
+        raise CLIError(
+            f"--switch-frames has {len(switches)} frame(s) but there are {len(prompts)} prompts; give one switch "
+            "frame per extra --prompt."
+        )
+    if args.frames < 1:
+        raise CLIError(f"--frames must be positive (num_frames = 1 + 4·k), got {args.frames}.")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name} must be a positive number of pixels, got {value}.")
+    if args.fps <= 0:
+        raise CLIError(f"--fps must be positive, got {args.fps:g}.")
+    return prompts
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"unknown --device {name!r} ({err}).") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS is not available on this machine; use --device cpu.")
+    return device
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run the ``generate`` sub-command; returns the exit code."""
+    prompts = _check_args(args)
+    from .utils.video import check_video_path
+
+    check_video_path(args.output)  # before loading anything
+
+    import torch
+
+    from .pipelines.presets import load_pipeline, resolve_model
+    from .utils.video import VideoWriter
+
+    device = _device(args.device)
+    resolved = resolve_model(args.model)
+    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+
+    if resolved.is_random:
+        reason = "no bundled model found; " if resolved.fallback else ""
+        print(f"note: {reason}{RANDOM_MODEL_NOTE}", file=sys.stderr, flush=True)
+    t_load = time.perf_counter()
+    pipe, description = load_pipeline(args.model)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    height = args.height or pipe.default_height
+    width = args.width or pipe.default_width
+    say(f"model: {description} (loaded in {time.perf_counter() - t_load:.1f} s, device {device})")
+
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    stream = pipe.stream(
+        prompt=prompts if args.switch_frames else prompts[0],
+        height=height,
+        width=width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        generator=generator,
+        window_frames=args.window_frames,
+        sink_frames=args.sink_frames,
+        switch_frames=args.switch_frames,
+        rope=args.rope,
+        output_type="np",
+    )
+    latent_frames = pipe.latent_frames_for(args.frames)
+    num_chunks = -(-latent_frames // pipe.chunk_frames)
+    steps = len(pipe.scheduler.timesteps)
+    say(
+        f"generating {args.frames} frames at {width}x{height} in {num_chunks} chunk(s), {steps} step(s) per chunk, "
+        f"seed {args.seed}"
+    )
+    try:
+        writer = VideoWriter(args.output, fps=args.fps)
+    except ImportError as err:
+        raise CLIError(str(err)) from err
+
+    start = time.perf_counter()
+    try:
+        with writer:
+            while True:
+                t_chunk = time.perf_counter()
+                chunk = next(stream, None)
+                if chunk is None:
+                    break
+                latency = time.perf_counter() - t_chunk
+                frames = chunk.frames[0]
+                writer.append(frames)
+                prompt_note = f", prompt {chunk.prompt_index + 1}" if args.switch_frames else ""
+                say(
+                    f"chunk {chunk.chunk_index + 1}/{num_chunks}: frames {chunk.frame_start}-"
+                    f"{chunk.frame_start + len(frames) - 1} ({writer.frames_written} so far) in {latency:.2f} s"
+                    f"{prompt_note}"
+                )
+    finally:
+        stream.close()
+    elapsed = time.perf_counter() - start
+    rate = writer.frames_written / elapsed if elapsed > 0 else float("inf")
+    say(
+        f"done: {writer.frames_written} frames in {elapsed:.1f} s ({rate:.1f} frames/s); "
+        f"wrote {writer.path} ({writer.frames_written / args.fps:.1f} s at {args.fps:g} fps)"
+    )
+    return 0

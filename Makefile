@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PROMPT ?= a red circle moving right on a black background
-OUT ?= raven_demo.mp4
+OUT ?= raven.mp4
 
 .PHONY: setup setup-tests demo test test-fast lint bench clean
 

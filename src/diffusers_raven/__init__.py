@@ -7,11 +7,13 @@ Public names are imported lazily so that ``import diffusers_raven`` stays cheap 
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
-
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    # Re-exported so that diffusers resolves ``["diffusers_raven", "<Class>"]`` entries of model_index.json.
+    "DiffusionPipeline": "diffusers",
+    "ModelMixin": "diffusers",
+    "SchedulerMixin": "diffusers",
     "CausalWanTransformer3DModel": "diffusers_raven.models",
     "KVCache": "diffusers_raven.models",
     "ConsistencyFlowMatchScheduler": "diffusers_raven.schedulers",
@@ -28,7 +30,7 @@ _LAZY = {
     "KVPOTrainer": "diffusers_raven.trainer",
 }
 
-__all__ = ["DiffusionPipeline", "ModelMixin", "SchedulerMixin", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
@@ -50,6 +52,8 @@ def _load_components() -> None:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
+
     from .models import CausalWanTransformer3DModel, KVCache  # noqa: F401
     from .pipelines import CausalVideoChunk, CausalVideoPipeline, CausalVideoPipelineOutput  # noqa: F401
     from .schedulers import ConsistencyFlowMatchScheduler, FlowMatchSDEScheduler, GaussianTransition  # noqa: F401

@@ -29,8 +29,8 @@ models (--model):
   bundled       the small ShapesWorld model shipped with the package (the default). While no bundled model
                 exists, a randomly initialised tiny pipeline is used instead and the command says so.
   random-tiny   a randomly initialised tiny pipeline: noise-like video, useful to try the machinery offline.
-  FOLDER        a folder written by CausalVideoPipeline.save_pretrained (or by `diffusers-raven convert` +
-                the other pipeline components).
+  FOLDER        a pipeline folder written by CausalVideoPipeline.save_pretrained (model_index.json and the
+                tokenizer, text_encoder, transformer, vae and scheduler sub-folders).
   OWNER/NAME    a Hugging Face Hub repository holding such a folder.
 
 examples:
@@ -74,12 +74,22 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="'bundled' (default; a random tiny pipeline while no bundled model exists), 'random-tiny', a "
         "pipeline folder or a Hub repository id (see below)",
     )
-    parser.add_argument("--frames", type=int, default=21, help="number of output frames: 9, 21, 33, ... (default: 21)")
     parser.add_argument(
-        "--height", type=int, default=None, help="frame height in pixels (default: the model's default size)"
+        "--frames", type=int, default=21, metavar="N", help="number of output frames: 9, 21, 33, ... (default: 21)"
     )
     parser.add_argument(
-        "--width", type=int, default=None, help="frame width in pixels (default: the model's default size)"
+        "--height",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="frame height in pixels (default: the model's default size)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="frame width in pixels (default: the model's default size)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     parser.add_argument(

@@ -48,6 +48,7 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -181,6 +182,8 @@ class LocalHubServer:
         self.max_body_bytes = max_body_bytes
         #: ``(method, path)`` of the requests served, newest last (bounded).
         self.requests: collections.deque[tuple[str, str]] = collections.deque(maxlen=10_000)
+        #: tracebacks of unexpected server-side errors (answered with a 500), for debugging.
+        self.errors: list[str] = []
         self._lock = threading.RLock()
         self._repos: dict[str, _Repo] = {}
         self._httpd: _HubHTTPServer | None = None
@@ -474,7 +477,7 @@ class LocalHubServer:
         else:
             raise _HubError(
                 400,
-                f"Unsupported commit operation {key!r} (LocalHubServer knows file, lfsFile, deletedFile, deletedFolder).",
+                f"Unsupported commit operation {key!r} (known: file, lfsFile, deletedFile, deletedFolder).",
             )
 
     def _tree(self, repo_id: str, revision: str, path: str, recursive: bool, user: str | None) -> list[dict]:
@@ -607,13 +610,18 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client went away
         except _HubError as err:
             self._send_json(err.status, {"error": err.message}, headers=self._error_headers(err), method=method)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:  # malformed JSON / ndjson / base64 / numbers
             error = _HubError(400, f"Bad request: {type(err).__name__}: {err}")
             self._send_json(400, {"error": error.message}, headers=self._error_headers(error), method=method)
+        except Exception as err:  # a bug of the server: answer instead of dropping the connection
+            self.hub.errors.append(traceback.format_exc())
+            error = _HubError(500, f"LocalHubServer error: {type(err).__name__}: {err}")
+            self._send_json(500, {"error": error.message}, headers=self._error_headers(error), method=method)
 
     @staticmethod
     def _error_headers(err: _HubError) -> dict[str, str]:
-        headers = {"X-Error-Message": err.message.replace("\n", " ")[:500], **err.headers}
+        message = err.message.replace("\n", " ")[:500].encode("ascii", "backslashreplace").decode("ascii")
+        headers = {"X-Error-Message": message, **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
         return headers
@@ -817,6 +825,40 @@ def _whoami(user: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- pointing the client at the server
 _MISSING = object()
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def _endpoint_patches(endpoint: str, offline: bool) -> tuple[dict[str, str], list[tuple[Any, str, Any]]]:
+    """Environment variables and ``(object, attribute, value)`` to set for ``huggingface_hub`` to use ``endpoint``."""
+    import huggingface_hub.hf_api as hf_api
+    from huggingface_hub import constants
+
+    host = urlsplit(endpoint).hostname or "127.0.0.1"
+    no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy"), host, "localhost") if x)
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    }
+    attributes: list[tuple[Any, str, Any]] = [
+        (constants, "ENDPOINT", endpoint),
+        (constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
+        (constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host})),
+        (constants, "HF_HUB_DISABLE_XET", True),
+        (constants, "HF_HUB_OFFLINE", offline),
+        (hf_api.api, "endpoint", endpoint),
+    ]
+    return env, attributes
+
+
+def _reset_http_session_if_proxied() -> None:
+    """The shared HTTP client reads the proxy settings when created: drop it so that ``NO_PROXY`` changes apply."""
+    if any(os.environ.get(key) for key in _PROXY_VARIABLES):
+        from huggingface_hub.utils import _http
+
+        _http.close_session()
 
 
 @contextmanager
@@ -838,40 +880,18 @@ def use_hub_endpoint(endpoint: str, *, offline: bool = False) -> Iterator[str]:
       ``NO_PROXY`` (the loopback host is added so that a configured proxy is bypassed).
 
     ``HfApi`` instances created inside the block use the new endpoint; instances created before keep their own.
+    Values patched by someone else *inside* the block are overwritten by the restoration on exit: in pytest, prefer
+    the ``local_hub`` fixture, which applies the same patches through ``monkeypatch``.
     """
-    import huggingface_hub.hf_api as hf_api
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
     endpoint = endpoint.rstrip("/")
-    host = urlsplit(endpoint).hostname or "127.0.0.1"
-    no_proxy = ",".join(x for x in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy"), host, "localhost") if x)
-    env = {
-        "HF_ENDPOINT": endpoint,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_OFFLINE": "1" if offline else "0",
-        "NO_PROXY": no_proxy,
-        "no_proxy": no_proxy,
-    }
-    attributes: list[tuple[Any, str, Any]] = [
-        (constants, "ENDPOINT", endpoint),
-        (constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
-        (constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host})),
-        (constants, "HF_HUB_DISABLE_XET", True),
-        (constants, "HF_HUB_OFFLINE", offline),
-        (hf_api.api, "endpoint", endpoint),
-    ]
+    env, attributes = _endpoint_patches(endpoint, offline)
     saved_env = {key: os.environ.get(key) for key in env}
     saved_attributes = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in attributes]
-    uses_proxy = any(
-        os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-    )
     try:
         os.environ.update(env)
         for obj, name, value in attributes:
             setattr(obj, name, value)
-        if uses_proxy:
-            _http.close_session()  # the shared HTTP client reads the proxy settings when it is created
+        _reset_http_session_if_proxied()
         yield endpoint
     finally:
         for key, old in saved_env.items():
@@ -884,8 +904,7 @@ def use_hub_endpoint(endpoint: str, *, offline: bool = False) -> Iterator[str]:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
-        if uses_proxy:
-            _http.close_session()
+        _reset_http_session_if_proxied()
 
 
 # ---------------------------------------------------------------------- pytest fixtures
@@ -908,8 +927,10 @@ if pytest is not None:
     ) -> Iterator[LocalHubServer]:
         """:func:`hub_server`, with ``huggingface_hub`` pointed at it, online, and a private, empty HF home/cache.
 
-        Nothing is read from or written to the user's Hugging Face cache or token: ``HF_HOME``/``HF_HUB_CACHE`` (and
-        the matching ``huggingface_hub.constants``) point at a temporary directory and ``HF_TOKEN`` is unset.
+        Online: ``HF_HUB_OFFLINE=0`` and ``huggingface_hub.constants.HF_HUB_OFFLINE = False`` for this test only
+        (``tests/conftest.py`` turns the offline mode on for the session). Nothing is read from or written to the
+        user's Hugging Face cache or token: ``HF_HOME``/``HF_HUB_CACHE`` (and the matching
+        ``huggingface_hub.constants``) point at a temporary directory and ``HF_TOKEN`` is unset.
         """
         from huggingface_hub import constants
 
@@ -918,11 +939,18 @@ if pytest is not None:
         monkeypatch.setenv("HF_HOME", str(home))
         monkeypatch.setenv("HF_HUB_CACHE", str(cache))
         monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
         monkeypatch.setattr(constants, "HF_HOME", str(home))
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
         monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-        with use_hub_endpoint(hub_server.endpoint, offline=False):
-            yield hub_server
+        # the same patches as ``use_hub_endpoint``, through ``monkeypatch`` so that they unwind in order with the
+        # test's own ``monkeypatch`` calls (e.g. ``monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)``)
+        env, attributes = _endpoint_patches(hub_server.endpoint, offline=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        for obj, name, value in attributes:
+            monkeypatch.setattr(obj, name, value)
+        _reset_http_session_if_proxied()
+        yield hub_server
+        _reset_http_session_if_proxied()

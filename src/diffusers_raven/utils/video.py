@@ -64,7 +64,8 @@ class VideoWriter:
     """Write a video incrementally: ``append`` chunks of frames, then ``close`` (or use it as a context manager).
 
     ``.mp4`` frames go to ffmpeg as soon as they are appended. ``.gif`` frames are kept (as small uint8 arrays) and
-    the file is written on ``close``, because Pillow writes a GIF in one go. The first chunk fixes the frame size.
+    the file is written on ``close``, because Pillow writes a GIF in one go (merging identical consecutive frames
+    into one longer frame). The first chunk fixes the frame size.
 
     Args:
         path: output file, ending in ``.mp4`` or ``.gif`` (its folder is created if missing).

@@ -1,0 +1,270 @@
+"""The ``diffusers-raven`` command: help texts, ``generate`` with the random tiny model, errors, video writing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusers_raven.cli import main
+from diffusers_raven.pipelines import presets
+from diffusers_raven.utils.video import VideoWriter, check_video_path, save_video
+
+SMALL = ["--height", "32", "--width", "32", "--frames", "9"]
+NOTE = "note: no bundled model found; using a randomly initialised tiny pipeline (the video is noise-like)"
+
+
+@pytest.fixture
+def no_bundled_model(tmp_path, monkeypatch):
+    """Pretend the bundled model is missing (so the test keeps working once it ships)."""
+    monkeypatch.setattr(presets, "BUNDLED_MODEL_DIR", tmp_path / "no-bundled-model")
+
+
+def _mp4_frames(path: Path) -> np.ndarray:
+    imageio = pytest.importorskip("imageio.v2")
+    pytest.importorskip("imageio_ffmpeg")
+    with imageio.get_reader(str(path), format="FFMPEG") as reader:
+        return np.stack([frame for frame in reader.iter_data()])
+
+
+def _gif_frames(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.n_frames
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------- help
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "convert" in out
+
+
+def test_generate_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--prompt", "--switch-frames", "--model", "random-tiny", "--frames", "--output", "examples:"):
+        assert text in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "generate" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- generate
+def test_generate_mp4_default_model(tmp_path, capsys, no_bundled_model):
+    output = tmp_path / "video.mp4"
+    code, out, err = _run(
+        ["generate", "--prompt", "a red circle moving right", *SMALL, "--output", str(output)], capsys
+    )
+    assert code == 0, err
+    assert NOTE in err.splitlines()
+    assert "chunk 1/1" in out and "done: 9 frames" in out and str(output) in out
+    frames = _mp4_frames(output)
+    assert frames.shape == (9, 128, 128, 3)  # 32 px enlarged 4x so that it is viewable
+
+
+def test_generate_gif_random_tiny(tmp_path, capsys):
+    output = tmp_path / "video.gif"
+    code, out, err = _run(
+        [
+            "generate",
+            "--model",
+            "random-tiny",
+            "--prompt",
+            "a blue square",
+            *SMALL,
+            "--output",
+            str(output),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert out == ""  # --quiet
+    assert "randomly initialised tiny pipeline" in err
+    assert _gif_frames(output) == 9
+
+
+def test_generate_prompt_switch(tmp_path, capsys):
+    output = tmp_path / "switch.mp4"
+    argv = ["generate", "--model", "random-tiny", "--prompt", "a red circle", "--prompt", "a blue square"]
+    argv += ["--switch-frames", "9", "--frames", "21", "--height", "32", "--width", "32", "--output", str(output)]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    chunk_lines = [line for line in out.splitlines() if line.startswith("chunk ")]
+    assert len(chunk_lines) == 2
+    assert chunk_lines[0].endswith("prompt 1") and chunk_lines[1].endswith("prompt 2")
+    assert len(_mp4_frames(output)) == 21
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "   "], "--prompt is empty"),
+        (["--prompt", "a circle", "--frames", "10"], "num_frames"),
+        (["--prompt", "a circle", "--frames", "0"], "--frames"),
+        (["--prompt", "a circle", "--model", "./does-not-exist"], "not found"),
+        (["--prompt", "a circle", "--output", "x.avi"], ".mp4 or .gif"),
+        (["--prompt", "a circle", "--height", "40"], "multiples of 16"),
+        (["--prompt", "a", "--prompt", "b"], "--switch-frames"),
+        (["--prompt", "a", "--prompt", "b", "--switch-frames", "9", "13"], "--switch-frames"),
+        (["--prompt", "a", "--steps", "0"], "--steps"),
+        (["--prompt", "a", "--sink-frames", "3"], "window_frames"),
+        (["--prompt", "a", "--device", "nonsense"], "--device"),
+    ],
+)
+def test_generate_errors_are_one_line(tmp_path, capsys, extra, expected):
+    output = tmp_path / "out.mp4"
+    argv = ["generate", "--model", "random-tiny", "--height", "32", "--width", "32", "--output", str(output)]
+    code, _, err = _run([*argv, *extra], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if not line.startswith("note:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("diffusers-raven generate: error:")
+    assert expected in errors[0]
+    assert not output.exists()
+
+
+def test_missing_model_folder_message(capsys):
+    code, _, err = _run(["generate", "--prompt", "a circle", "--model", "./does-not-exist"], capsys)
+    assert code == 2
+    assert "'./does-not-exist' not found" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- the installed command
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "diffusers-raven"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("diffusers-raven")
+    return [found] if found else [sys.executable, "-m", "diffusers_raven.cli"]
+
+
+def test_console_script_help():
+    result = subprocess.run([*_command(), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "generate" in result.stdout and "convert" in result.stdout
+
+
+def test_console_script_error_is_one_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*_command(), "generate", "--prompt", ""], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "diffusers-raven generate: error: --prompt is empty: give the text the video should show."
+    ]
+
+
+# ---------------------------------------------------------------------- presets
+def test_resolve_model(tmp_path, no_bundled_model):
+    assert presets.DEFAULT_MODEL == "bundled"
+    fallback = presets.resolve_model(None)
+    assert fallback.is_random and fallback.fallback
+    assert presets.resolve_model("bundled") == fallback
+    explicit = presets.resolve_model("random-tiny")
+    assert explicit.is_random and not explicit.fallback
+    assert presets.resolve_model("owner/name").kind == "hub"
+    for missing in ("./nope", "../nope", "/definitely/not/here", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            presets.resolve_model(missing)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        presets.resolve_model(str(tmp_path))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        presets.resolve_model(str(tmp_path / "file.txt"))
+
+
+def test_load_pipeline_random_and_folder(tmp_path, no_bundled_model):
+    pipe, description = presets.load_pipeline()
+    assert "randomly initialised tiny pipeline" in description and "no bundled model" in description
+    assert pipe.default_height == 128
+    again, _ = presets.load_pipeline("random-tiny")
+    assert all(
+        (a == b).all() for a, b in zip(pipe.transformer.state_dict().values(), again.transformer.state_dict().values())
+    )
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    loaded, description = presets.load_pipeline(str(folder))
+    assert description == f"local folder {folder}"
+    assert type(loaded.transformer).__name__ == "CausalWanTransformer3DModel"
+
+
+def test_bundled_model_is_used_when_present(tmp_path, monkeypatch):
+    folder = tmp_path / "shapesworld"
+    presets.random_tiny_pipeline(seed=1).save_pretrained(folder)
+    monkeypatch.setattr(presets, "BUNDLED_MODEL_DIR", folder)
+    resolved = presets.resolve_model(None)
+    assert resolved.kind == "bundled" and not resolved.is_random
+    _, description = presets.load_pipeline("bundled")
+    assert description.startswith("bundled ShapesWorld model")
+
+
+def test_hub_id_that_cannot_be_loaded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+        presets.load_pipeline("nobody-raven-test/no-such-model")
+
+
+# ---------------------------------------------------------------------- video files
+def test_save_video_pads_odd_sizes_for_mp4(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, size=(5, 7, 9, 3), dtype=np.uint8)
+    path = save_video(frames, tmp_path / "odd.mp4", fps=8, min_size=0)
+    assert _mp4_frames(path).shape == (5, 8, 10, 3)
+    path = save_video(frames / 255.0, tmp_path / "small.mp4", min_size=64)  # float input, 10x enlargement
+    assert _mp4_frames(path).shape == (5, 70, 90, 3)
+
+
+def test_video_writer_appends_chunks(tmp_path):
+    # Every frame differs (Pillow merges identical consecutive GIF frames); the first is dark, the last bright.
+    ramp = np.linspace(0.2, 0.8, 21, dtype=np.float32)[:, None, None, None] * np.ones((21, 16, 16, 3), np.float32)
+    chunks = [ramp[:9], ramp[9:]]
+    for name in ("chunks.mp4", "chunks.gif"):
+        with VideoWriter(tmp_path / name, fps=16, min_size=32) as writer:
+            for chunk in chunks:
+                writer.append(chunk)
+            assert writer.frames_written == 21
+        frames = _mp4_frames(writer.path) if name.endswith(".mp4") else None
+        if frames is not None:
+            assert frames.shape == (21, 32, 32, 3)
+            assert abs(frames[0].mean() - 51) < 4 and abs(frames[-1].mean() - 204) < 4
+        else:
+            assert _gif_frames(writer.path) == 21
+
+
+def test_video_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"\.mp4 or \.gif"):
+        check_video_path("clip.avi")
+    with pytest.raises(ValueError, match="no extension"):
+        save_video(np.zeros((1, 8, 8, 3)), tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
+        save_video(np.zeros((2, 8, 8)), tmp_path / "clip.gif")
+    with pytest.raises(ValueError, match="fps"):
+        VideoWriter(tmp_path / "clip.gif", fps=0)
+    writer = VideoWriter(tmp_path / "clip.gif")
+    writer.append(np.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="frame size changed"):
+        writer.append(np.zeros((1, 16, 8, 3)))
+    writer.close()

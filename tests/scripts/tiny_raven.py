@@ -1,0 +1,52 @@
+"""A tiny RavenTrainer run, used by the tests (in-process and as a subprocess that is killed and resumed)."""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def build(output_dir: str, history: str = "raven", max_steps: int = 2, save_steps: int = 1, **overrides):
+    from datasets import Dataset
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_raven import RavenConfig, RavenTrainer
+    from diffusers_raven.utils.tiny import tiny_transformer_config
+    from test_pipeline import make_pipeline
+
+    pipe = make_pipeline()
+    torch.manual_seed(1)
+    teacher = WanTransformer3DModel(**tiny_transformer_config())
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red square"]
+    columns = {"prompt": prompts}
+    if history == "teacher_forcing":
+        g = torch.Generator().manual_seed(2)
+        columns["latents"] = [torch.randn(4, 6, 4, 4, generator=g).tolist() for _ in prompts]
+    args = RavenConfig(
+        output_dir=output_dir, history=history, max_steps=max_steps, per_device_train_batch_size=1, num_frames=21,
+        height=32, width=32, max_sequence_length=16, logging_steps=1, save_steps=save_steps, use_cpu=True,
+        learning_rate=1e-3, critic_learning_rate=1e-3, critic_updates_per_generator_update=1, seed=0,
+        **overrides,
+    )
+    return RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=Dataset.from_dict(columns))
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss/dmd"] for h in trainer.state.log_history if "loss/dmd" in h]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--history", default="raven")
+    a = parser.parse_args()
+    trainer = build(a.output_dir, a.history, a.max_steps)
+    trainer.train(resume_from_checkpoint=a.resume)
+    with open(os.path.join(a.output_dir, "losses.json"), "w") as f:
+        json.dump({"losses": losses(trainer), "log": trainer.state.log_history}, f)

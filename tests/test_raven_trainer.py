@@ -1,0 +1,118 @@
+"""RavenTrainer: every history mode runs, bad configurations fail early, a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffusers_raven import CausalVideoPipeline, RavenConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+from tiny_raven import build, losses  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "tiny_raven.py")
+
+
+@pytest.mark.parametrize("history", ["raven", "self_forcing", "diffusion_forcing", "teacher_forcing"])
+def test_two_step_smoke_run(tmp_path, history):
+    trainer = build(str(tmp_path), history, max_steps=2, save_steps=10)
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    trainer.train()
+    values = losses(trainer)
+    assert len(values) == 2 and all(torch.isfinite(torch.tensor(values)))
+    assert any(not torch.equal(before[n], p) for n, p in trainer.student.named_parameters())
+    assert any(not torch.equal(critic_before[n], p) for n, p in trainer.critic.named_parameters())
+    logged = trainer.state.log_history[0]
+    for key in ("loss/dmd", "loss/critic", "grad_norm", "chunk_weight/first", "chunk_weight/last"):
+        assert key in logged, key
+    if history == "raven":
+        assert logged["chunk_weight/last"] > logged["chunk_weight/first"]  # α = −1 by default
+
+
+def test_save_pipeline_and_model_card(tmp_path):
+    trainer = build(str(tmp_path), "raven", max_steps=1, save_steps=10)
+    trainer.train()
+    folder = trainer.save_pipeline(str(tmp_path / "final"))
+    card = open(os.path.join(folder, "README.md")).read()
+    assert "RAVEN" in card and "raven" in card and "2605.15190" in card
+    pipe = CausalVideoPipeline.from_pretrained(folder)
+    ema = trainer.ema
+    for name, param in pipe.transformer.named_parameters():
+        assert torch.allclose(param, ema[name]), name  # the saved weights are the EMA
+    frames = pipe("a red circle", num_frames=9, height=32, width=32, max_sequence_length=16).frames
+    assert frames.shape == (1, 9, 32, 32, 3)
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+    """Train 4 steps straight; train again, SIGKILL after checkpoint 2, resume: losses and weights agree."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, SCRIPT, "--output-dir", str(straight)], check=True, env=env, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--output-dir", str(killed)], env=env)
+    marker = killed / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint's last files land
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before writing checkpoint-2"
+    subprocess.run([sys.executable, SCRIPT, "--output-dir", str(killed), "--resume", str(killed / "checkpoint-2")],
+                   check=True, env=env, timeout=600)
+    a = json.load(open(straight / "losses.json"))["losses"]
+    b = json.load(open(killed / "losses.json"))["losses"]
+    # the resumed trainer's history holds steps 1-2 from the checkpoint and steps 3-4 it computed after the kill
+    assert len(a) == 4 and len(b) == 4
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    from safetensors.torch import load_file
+
+    wa = load_file(straight / "checkpoint-4" / "transformer" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(killed / "checkpoint-4" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(history="forcing"), "history"),
+    (dict(num_frames=10), "num_frames"),
+    (dict(dmd_min_u=0.9, dmd_max_u=0.1), "dmd_min_u"),
+    (dict(critic_updates_per_generator_update=0), "critic_updates"),
+    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+])
+def test_bad_config(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        RavenConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_bad_trainer_inputs(tmp_path):
+    from datasets import Dataset
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_raven import RavenTrainer
+    from diffusers_raven.utils.tiny import tiny_transformer_config
+    from test_pipeline import make_pipeline
+
+    pipe = make_pipeline()
+    ds = Dataset.from_dict({"prompt": ["a red circle"]})
+    args = RavenConfig(output_dir=str(tmp_path), num_frames=21, height=32, width=32, use_cpu=True)
+    with pytest.raises(ValueError, match="teacher"):
+        RavenTrainer(model=pipe, args=args, train_dataset=ds)
+    wrong = WanTransformer3DModel(**{**tiny_transformer_config(), "in_channels": 8, "out_channels": 8})
+    with pytest.raises(ValueError, match="in_channels"):
+        RavenTrainer(model=pipe, teacher=wrong, args=args, train_dataset=ds)
+    teacher = WanTransformer3DModel(**tiny_transformer_config())
+    with pytest.raises(ValueError, match="chunks"):
+        RavenTrainer(model=pipe, teacher=teacher, train_dataset=ds,
+                     args=RavenConfig(output_dir=str(tmp_path), num_frames=13, height=32, width=32, use_cpu=True))
+    with pytest.raises(ValueError, match="latents"):
+        RavenTrainer(model=pipe, teacher=teacher, train_dataset=ds,
+                     args=RavenConfig(output_dir=str(tmp_path), history="teacher_forcing", num_frames=21, height=32,
+                                      width=32, use_cpu=True))
+    with pytest.raises(ValueError, match="prompt"):
+        RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=Dataset.from_dict({"text": ["x"]}))

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,3 +117,20 @@ def test_bad_trainer_inputs(tmp_path):
                                       width=32, use_cpu=True))
     with pytest.raises(ValueError, match="prompt"):
         RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=Dataset.from_dict({"text": ["x"]}))
+
+
+def test_two_process_run_ends_with_identical_weights(tmp_path):
+    """torchrun with 2 CPU processes (gloo): same weights on both ranks, same Self Forcing exit steps."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port on loopback for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), SCRIPT,
+           "--output-dir", str(out), "--history", "self_forcing", "--max-steps", "2"]
+    subprocess.run(cmd, check=True, env=env, timeout=900, cwd=tmp_path)
+    a, b = (json.load(open(out / f"rank{r}.json")) for r in (0, 1))
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["exit_steps"] == b["exit_steps"] and len(a["exit_steps"]) == 2
+    assert torch.equal(torch.tensor(a["weights"]), torch.tensor(b["weights"]))

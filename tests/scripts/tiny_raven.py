@@ -48,5 +48,12 @@ if __name__ == "__main__":
     a = parser.parse_args()
     trainer = build(a.output_dir, a.history, a.max_steps)
     trainer.train(resume_from_checkpoint=a.resume)
-    with open(os.path.join(a.output_dir, "losses.json"), "w") as f:
-        json.dump({"losses": losses(trainer), "log": trainer.state.log_history}, f)
+    rank = trainer.args.process_index
+    if trainer.args.world_size > 1:  # what each process ends with, for the distributed test
+        weights = torch.cat([p.detach().flatten() for p in trainer.student.parameters()])
+        with open(os.path.join(a.output_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"weights": weights.tolist(), "exit_steps": trainer.exit_steps,
+                       "world_size": trainer.args.world_size}, f)
+    if rank == 0:
+        with open(os.path.join(a.output_dir, "losses.json"), "w") as f:
+            json.dump({"losses": losses(trainer), "log": trainer.state.log_history}, f)

@@ -137,9 +137,13 @@ class CausalVideoTrainerBase(Trainer):
         self._metrics[name].append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for name, values in self._metrics.items():
-            if values:
-                logs[name] = sum(values) / len(values)
+        """Add the step metrics, averaged over the logging interval and over every process (as TRL does)."""
+        names = sorted(self._metrics)
+        if names:
+            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names],
+                                 device=self.accelerator.device)
+            averaged = self.accelerator.gather(local[None]).mean(dim=0)
+            logs.update({n: float(v) for n, v in zip(names, averaged)})
         self._metrics.clear()
         super().log(logs, start_time)
 

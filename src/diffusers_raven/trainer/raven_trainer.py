@@ -95,6 +95,7 @@ class RavenTrainer(CausalVideoTrainerBase):
         self.sampler.set_timesteps(sigmas=args.denoising_sigmas)
         self.sigmas = torch.tensor(self.sampler.schedule_sigmas, dtype=torch.float32)
         self.weights = frame_weights(self.chunk_sizes, args.chunk_loss_alpha).float()
+        self.exit_steps: list[int] = []  # Self Forcing's exit step of every generator step (equal on every process)
 
     # ------------------------------------------------------------------ set-up
     def _check_frames(self) -> None:
@@ -185,7 +186,7 @@ class RavenTrainer(CausalVideoTrainerBase):
         num_steps = len(self.sigmas) - 1
         exit_step = int(sample_steps(1, num_steps, self.step_generator("exit_step", per_process=False))[0])
         self.log_metric("self_forcing/exit_step", exit_step)
-        self._last_exit_step = exit_step
+        self.exit_steps.append(exit_step)
         g = self.step_generator("rollout")
         batch = text.shape[0]
         channels, _, h, w = self.latent_shape

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 from diffusers_raven import CausalVideoPipeline, RavenConfig
+from diffusers_raven.testing import hub_server as hub_fixtures
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 from tiny_raven import build, losses  # noqa: E402
+
+hub_server = hub_fixtures.hub_server
+local_hub = hub_fixtures.local_hub
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "tiny_raven.py")
 
@@ -134,3 +138,42 @@ def test_two_process_run_ends_with_identical_weights(tmp_path):
     assert a["world_size"] == b["world_size"] == 2
     assert a["exit_steps"] == b["exit_steps"] and len(a["exit_steps"]) == 2
     assert torch.equal(torch.tensor(a["weights"]), torch.tensor(b["weights"]))
+
+
+def test_lora_training_exports_a_fused_pipeline(tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    trainer = build(str(tmp_path), "raven", max_steps=1, save_steps=10, ema_decay=None)
+    trainer = type(trainer)(model=trainer.pipeline, teacher=trainer.teacher, args=trainer.args,
+                            train_dataset=trainer.train_dataset, peft_config=config)
+    trainable = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    trainer.train()
+    folder = trainer.save_pipeline(str(tmp_path / "final"))
+    assert os.path.exists(os.path.join(folder, "transformer_lora", "pytorch_lora_weights.safetensors"))
+    loaded = CausalVideoPipeline.from_pretrained(folder).transformer
+    x, t, text = torch.randn(1, 4, 6, 4, 4), torch.tensor([500.0]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert (loaded(x, t, text).sample - trainer.student(x, t, text).sample).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_and_bf16_switches(tmp_path):
+    trainer = build(str(tmp_path), "raven", max_steps=1, save_steps=10, gradient_checkpointing=True, bf16=True)
+    trainer.train()
+    assert trainer.student.gradient_checkpointing
+    assert torch.isfinite(torch.tensor(losses(trainer))).all()
+
+
+def test_samples_and_push_to_hub(tmp_path, local_hub):
+    from huggingface_hub import HfApi
+
+    trainer = build(str(tmp_path), "raven", max_steps=2, save_steps=10, sample_every_steps=2,
+                    hub_model_id="tester/tiny-raven", hub_token="x")
+    trainer.train()
+    assert os.path.exists(tmp_path / "samples" / "step-2.gif")
+    trainer.push_to_hub()
+    files = {f.path for f in HfApi().list_repo_tree("tester/tiny-raven", recursive=True)}
+    assert {"model_index.json", "README.md", "transformer/config.json"} <= files
+    pipe = CausalVideoPipeline.from_pretrained("tester/tiny-raven", cache_dir=str(tmp_path / "cache"))
+    assert pipe("a red circle", num_frames=9, height=32, width=32, max_sequence_length=16).frames.shape[1] == 9

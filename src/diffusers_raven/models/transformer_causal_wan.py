@@ -144,6 +144,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                     "Call `transformer.install_causal_processors()` to restore them."
                 )
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """What ``transformers.Trainer`` calls for ``gradient_checkpointing=True``: checkpoint every block."""
+        if every_n_layers != 1 or offload:
+            raise ValueError("Only `every_n_layers=1` without offload is supported for this model.")
+        self.enable_gradient_checkpointing()
+
     @property
     def chunk_frames(self) -> int:
         """Latent frames per chunk after temporal patching."""

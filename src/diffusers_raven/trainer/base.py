@@ -8,6 +8,7 @@ seeded by ``(seed, global step, process, purpose)``, so a resumed run draws exac
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -235,29 +236,39 @@ class CausalVideoTrainerBase(Trainer):
         student.load_state_dict(weights)
 
     # ------------------------------------------------------------------ export
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (``checkpoint-*`` folders) hold the raw student for resuming; any other folder (the default
+        ``output_dir``, also before ``push_to_hub``) gets a loadable pipeline and a model card."""
+        if output_dir is not None and os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
+            return super().save_model(output_dir, _internal_call)
+        self.save_pipeline(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    @torch.no_grad()
+    def export_transformer(self, use_ema: bool = True) -> CausalWanTransformer3DModel:
+        """A standalone copy of the student: EMA weights when available, a LoRA adapter fused into the weights."""
+        exported = copy.deepcopy(self.student)
+        if use_ema and self.ema is not None:
+            for name, param in exported.named_parameters():
+                if name in self.ema:
+                    param.copy_(self.ema[name].to(param.dtype))
+        if self.peft_config is not None:
+            exported.fuse_lora()
+            exported.unload_lora()
+        return exported.requires_grad_(False)
+
     def save_pipeline(self, output_dir: str | None = None, use_ema: bool = True) -> str:
-        """Write a loadable :class:`CausalVideoPipeline` folder (EMA weights when available) and a model card."""
+        """Write a loadable :class:`CausalVideoPipeline` folder (EMA weights when available; LoRA fused, and the
+        adapter itself in ``transformer_lora/``) and a model card."""
         output_dir = output_dir or self.args.output_dir
         if not self.is_world_process_zero():
             return output_dir
-        student = self.student
-        backup = None
-        if use_ema and self.ema is not None:
-            backup = {n: p.detach().clone() for n, p in student.named_parameters() if n in self.ema}
-            with torch.no_grad():
-                for n, p in student.named_parameters():
-                    if n in self.ema:
-                        p.copy_(self.ema[n].to(p.dtype))
-        try:
-            if self.peft_config is not None:
-                student.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
-            self.pipeline.save_pretrained(output_dir)
-        finally:
-            if backup is not None:
-                with torch.no_grad():
-                    for n, p in student.named_parameters():
-                        if n in backup:
-                            p.copy_(backup[n])
+        components = dict(self.pipeline.components)
+        components["transformer"] = self.export_transformer(use_ema)
+        CausalVideoPipeline(**components).save_pretrained(output_dir)
+        if self.peft_config is not None:
+            self.student.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
         self.create_model_card(output_dir)
         return output_dir
 

@@ -3,14 +3,17 @@
 Pipeline (``docs/shapesworld.md`` defines every metric):
 
 1. :func:`detect_video` — per frame: background = per-channel median of the border pixels, named by the nearest
-   :data:`~.world.BACKGROUNDS` colour; foreground = pixels farther than :data:`FG_THRESHOLD` from it; 4-connected
-   components (:func:`label_components`); a component whose eroded core holds two palette colours (two objects
-   touching or overlapping) is split by colour and both parts are marked ``occluded``. Per object: colour = the
-   majority palette colour of the core pixels, shape = nearest prototype in (bounding-box fill ratio, vertical
-   centroid offset), size and position from the pixel moments of that shape.
-2. Tracking — detections are linked frame to frame (nearest position, same colour preferred).
-3. Motion — per track, each step between consecutive unoccluded detections is explained as a straight move or a
-   single reflection off a wall (whichever speed is closest to the track's median speed). That *unfolds* the
+   :data:`~.world.BACKGROUNDS` colour; foreground = pixels farther than :data:`FG_THRESHOLD` from it; each
+   foreground pixel gets the palette colour whose segment to the background passes closest (so anti-aliased or
+   blurred edges keep their colour); 4-connected components (:func:`label_components`), split by colour when two
+   objects overlap. Per object: colour = the majority colour of the component's eroded core; coverage of each pixel
+   = projection of (pixel - background) on (colour - background); size and position from the coverage moments
+   (area, centroid), shape = nearest prototype in (bounding-box fill ratio, vertical centroid offset).
+2. Tracking — detections are linked frame to frame (nearest position, same colour), same-colour tracks broken by
+   an occlusion are re-joined, and an object touching another is *occluded* (its position unreliable) unless its
+   area is its usual area, i.e. unless it is the one in front.
+3. Motion — per track, each step between consecutive unoccluded detections is explained as a straight move or as
+   reflections off the walls (the explanation closest to the previous step's velocity). That *unfolds* the
    trajectory: in a correct video the unfolded velocity is constant and equals the caption's initial velocity.
 4. Metrics over a window of frames (the whole video, and each chunk for drift): semantic accuracy, motion
    (speed error, direction error, physics), fidelity (PSNR against a re-render of the detected scene), temporal
@@ -23,12 +26,22 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .world import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SPEEDS, Scene, _compose, parse_caption, resolution_scale
+from .world import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    SPEEDS,
+    Scene,
+    compose_frame,
+    parse_caption,
+    resolution_scale,
+)
 
 __all__ = [
     "FG_THRESHOLD",
@@ -37,6 +50,7 @@ __all__ = [
     "DetectedObject",
     "FrameDetection",
     "detect_frame",
+    "detections_to_dict",
     "detect_video",
     "evaluate_batch",
     "evaluate_video",
@@ -48,8 +62,12 @@ __all__ = [
 FG_THRESHOLD = 0.2
 #: Components smaller than this fraction of the frame are ignored (12 px at 64x64; the smallest object has ~98 px).
 MIN_AREA_FRACTION = 0.003
-#: A palette colour counts as present in a component when it holds this fraction of the component's core pixels.
-SPLIT_FRACTION = 0.2
+#: A palette colour is present in a component when it holds this fraction of the component's core pixels (and at
+#: least the minimum object area); a component with two present colours is split by colour.
+SPLIT_FRACTION = 0.05
+#: A touching object whose area is within this relative tolerance of its usual area is whole (in front); otherwise
+#: it is occluded and its position is not used for motion (its position error grows past 0.1 px beyond ~1.5 %).
+WHOLE_AREA_TOLERANCE = 0.015
 #: PSNR cap (dB): an exact re-render has MSE 0.
 PSNR_MAX = 50.0
 #: Below this speed (px/frame at 64 px) an object is static and has no direction.
@@ -83,6 +101,7 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "shape_accuracy": "fraction of caption objects whose matched object has the caption's shape",
     "direction_accuracy": "fraction of caption objects moving within 45 degrees of the caption's direction",
     "speed_accuracy": "fraction of caption objects whose speed is nearer (log scale) the caption's speed class",
+    # (an object hidden behind another for the whole window has no direction/speed score; a missing one scores 0)
     "speed": "mean unfolded speed of the persistent objects (px/frame)",
     "speed_error": "mean |detected speed - caption speed| over matched caption objects (px/frame)",
     "direction_error": "mean angle between detected and caption direction over matched caption objects (degrees)",
@@ -119,33 +138,40 @@ def label_components(classes: np.ndarray) -> np.ndarray:
     """4-connected components over the last two axes; leading axes are independent images.
 
     ``classes`` is a bool mask or an int map (< 0 = background); neighbours join when their classes are equal.
-    Returns int64 labels: -1 for background, otherwise the flat index of the component's first pixel. Min-label
-    propagation with pointer jumping (a label is always the index of a pixel of the same component, so
-    ``label[label[i]]`` is a valid shortcut).
+    Returns int64 labels: -1 for background, otherwise the flat index of the component's first pixel (row-major).
+    Min-label propagation along the joined neighbour pairs with pointer jumping: a label is always the index of a
+    pixel of the same component, so ``label[label[i]]`` is a valid shortcut.
     """
     classes = np.asarray(classes)
     cls = np.where(classes, 0, -1) if classes.dtype == bool else classes.astype(np.int64)
     fg = cls >= 0
-    n = cls.size
-    labels = np.where(fg, np.arange(n).reshape(cls.shape), n)
-    join_right = fg[..., :, :-1] & (cls[..., :, :-1] == cls[..., :, 1:])
-    join_down = fg[..., :-1, :] & (cls[..., :-1, :] == cls[..., 1:, :])
-    fg_flat = np.flatnonzero(fg)
+    pixels = np.flatnonzero(fg)  # sorted, so the smallest compact index is the smallest flat index
+    compact = np.full(cls.size, -1, dtype=np.int64)
+    compact[pixels] = np.arange(len(pixels))
+    width = cls.shape[-1]
+    edges = []
+    for join, step in (
+        (fg[..., :, :-1] & (cls[..., :, :-1] == cls[..., :, 1:]), 1),
+        (fg[..., :-1, :] & (cls[..., :-1, :] == cls[..., 1:, :]), width),
+    ):
+        pad = [(0, 0)] * (cls.ndim - 1) + [(0, 1)] if step == 1 else [(0, 0)] * (cls.ndim - 2) + [(0, 1), (0, 0)]
+        src = np.flatnonzero(np.pad(join, pad))
+        edges.append((compact[src], compact[src + step]))  # each pixel appears once per side: plain assignment
+    labels = np.arange(len(pixels))
     while True:
         new = labels.copy()
-        m = np.where(join_right, np.minimum(labels[..., :, :-1], labels[..., :, 1:]), n)
-        new[..., :, :-1] = np.minimum(new[..., :, :-1], m)
-        new[..., :, 1:] = np.minimum(new[..., :, 1:], m)
-        m = np.where(join_down, np.minimum(labels[..., :-1, :], labels[..., 1:, :]), n)
-        new[..., :-1, :] = np.minimum(new[..., :-1, :], m)
-        new[..., 1:, :] = np.minimum(new[..., 1:, :], m)
-        flat = new.reshape(-1)
-        for _ in range(2):
-            flat[fg_flat] = flat[flat[fg_flat]]
+        for a, b in edges:
+            m = np.minimum(new[a], new[b])
+            new[a] = m
+            new[b] = np.minimum(new[b], m)
+        new = new[new]
+        new = new[new]
         if np.array_equal(new, labels):
             break
         labels = new
-    return np.where(fg, labels, -1)
+    out = np.full(cls.shape, -1, dtype=np.int64)
+    out.reshape(-1)[pixels] = pixels[labels]
+    return out
 
 
 def _dilate_labels(labels: np.ndarray) -> np.ndarray:
@@ -157,6 +183,19 @@ def _dilate_labels(labels: np.ndarray) -> np.ndarray:
         axis=0,
     )
     return np.where(labels >= 0, labels, neighbours)
+
+
+def _near_other_label(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Labels (>= 0) that have a pixel within ``radius`` (Chebyshev) of a pixel with another label >= 0."""
+    height, width = labels.shape[-2:]
+    pad = [(0, 0)] * (labels.ndim - 2) + [(radius, radius), (radius, radius)]
+    hi = np.pad(labels, pad, constant_values=-1)
+    lo = np.pad(np.where(labels >= 0, labels, np.iinfo(np.int64).max), pad, constant_values=np.iinfo(np.int64).max)
+    window = [(dr, dc) for dr in range(2 * radius + 1) for dc in range(2 * radius + 1)]
+    near_max = np.max([hi[..., dr : dr + height, dc : dc + width] for dr, dc in window], axis=0)
+    near_min = np.min([lo[..., dr : dr + height, dc : dc + width] for dr, dc in window], axis=0)
+    own = labels >= 0
+    return np.unique(labels[own & ((near_max != labels) | (near_min != labels))])
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -172,7 +211,10 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ detection
 @dataclass
 class DetectedObject:
-    """One object in one frame. ``(x, y)`` is the bounding-box centre and ``size`` the half-extent, in px."""
+    """One object in one frame. ``(x, y)`` is the bounding-box centre and ``size`` the half-extent, in px; ``area``
+    is the covered area (sum of coverages). ``touching``: its pixels touch another object's. ``occluded``: it may be
+    partly hidden, so its position and shape are unreliable; :func:`detect_video` sets it to ``touching`` and the
+    tracker clears it for an object in front (area within 1.5 % of the track's median unoccluded area)."""
 
     color: str
     shape: str
@@ -182,6 +224,7 @@ class DetectedObject:
     area: float
     fill: float
     offset: float
+    touching: bool
     occluded: bool
 
 
@@ -211,77 +254,105 @@ def _moments_to_box(shape: str, area: float, cx: float, cy: float) -> tuple[floa
     return cx, cy - h / 3, h
 
 
+def _blend_residual(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Squared distance ``[P, K]`` of each pixel to the segment from its background to each palette colour.
+
+    A pixel partly covered by an object (anti-aliased or blurred edge) is a blend ``b + a (c - b)``; classifying it
+    by the nearest *segment* rather than the nearest colour keeps, e.g., an orange/white edge from reading as yellow.
+    """
+    d = pixels - background  # [P, 3]
+    e = _COLOR_RGB[None] - background[:, None]  # [P, K, 3]
+    ee = np.maximum((e * e).sum(-1), 1e-6)
+    de = np.einsum("pc,pkc->pk", d, e)
+    a = np.clip(de / ee, 0.0, 1.0)
+    return (d * d).sum(-1, keepdims=True) - 2 * a * de + a * a * ee
+
+
 def detect_video(video: Any) -> list[FrameDetection]:
     """Detect background and objects in every frame of ``video`` (``[F, H, W, 3]`` uint8 or float in [0, 1])."""
     v = _as_video(video)
     num_frames, height, width, _ = v.shape
     min_area = max(4, round(MIN_AREA_FRACTION * height * width))
 
+    n_colours = len(_COLOR_NAMES)
+    pixels_rgb = v.reshape(-1, 3)
+
     border = np.concatenate([v[:, 0], v[:, -1], v[:, 1:-1, 0], v[:, 1:-1, -1]], axis=1)  # [F, N, 3]
     bg_rgb = np.median(border, axis=1)  # [F, 3]
     bg_idx = np.argmin(((bg_rgb[:, None] - _BG_RGB[None]) ** 2).sum(-1), axis=1)
-    fg = np.sqrt(((v - bg_rgb[:, None, None]) ** 2).sum(-1)) > FG_THRESHOLD  # [F, H, W]
-    pixel_dist = ((v[..., None, :] - _COLOR_RGB) ** 2).sum(-1)  # [F, H, W, K]
-    pixel_cls = np.argmin(pixel_dist, axis=-1)
+    diff = v - bg_rgb[:, None, None]
+    fg = np.einsum("fhwc,fhwc->fhw", diff, diff) > FG_THRESHOLD**2  # [F, H, W]
 
-    # pass 1: foreground components; find which palette colours are present in each component's core
-    labels = label_components(fg)
-    comp_ids, comp_idx = np.unique(labels, return_inverse=True)
-    comp_idx = comp_idx.reshape(labels.shape)
-    num_comp, k = len(comp_ids), len(_COLOR_NAMES)
-    area = np.bincount(comp_idx.ravel(), minlength=num_comp)
-    core = _erode(fg)
-    core_hist = np.bincount((comp_idx[core] * k + pixel_cls[core]), minlength=num_comp * k).reshape(num_comp, k)
-    all_hist = np.bincount((comp_idx[fg] * k + pixel_cls[fg]), minlength=num_comp * k).reshape(num_comp, k)
+    # everything below works on the foreground pixels only (flat indices into [F, H, W])
+    fg_px = np.flatnonzero(fg)
+    colour_cost = _blend_residual(pixels_rgb[fg_px], bg_rgb[fg_px // (height * width)])  # [P, K]
+    pixel_cls = np.argmin(colour_cost, axis=1)
+
+    # pass 1: foreground components; which palette colours are present in each component's core
+    comp_ids, comp = np.unique(label_components(fg).reshape(-1)[fg_px], return_inverse=True)
+    num_comp = len(comp_ids)
+    area = np.bincount(comp, minlength=num_comp)
+    core = _erode(fg).reshape(-1)[fg_px]
+    core_hist = np.bincount(comp[core] * n_colours + pixel_cls[core], minlength=num_comp * n_colours)
+    all_hist = np.bincount(comp * n_colours + pixel_cls, minlength=num_comp * n_colours)
+    core_hist, all_hist = core_hist.reshape(num_comp, n_colours), all_hist.reshape(num_comp, n_colours)
     hist = np.where(core_hist.sum(1, keepdims=True) > 0, core_hist, all_hist)
-    present = (hist >= SPLIT_FRACTION * hist.sum(1, keepdims=True)) & (hist > 0)
-    present[np.arange(num_comp), hist.argmax(1)] = True
-    keep = (comp_ids >= 0) & (area >= min_area)
+    dominant = hist.argmax(1)
+    present = (hist >= SPLIT_FRACTION * hist.sum(1, keepdims=True)) & (hist >= min_area)
+    present[np.arange(num_comp), dominant] = True
+    keep = area >= min_area
     split = keep & (present.sum(1) > 1)
 
-    # pass 2: colour map (one colour per component, nearest present colour inside split ones), then components again
-    colour_map = np.where(keep[comp_idx], hist.argmax(1)[comp_idx], -1)
-    occluded_px = split[comp_idx]
+    # pass 2: one colour per component, or the nearest present colour inside split components; components again
+    colour_of = np.where(keep[comp], dominant[comp], -1)
+    in_split = split[comp]
     if split.any():
-        masked = np.where(present[comp_idx[occluded_px]], pixel_dist[occluded_px], np.inf)
-        colour_map[occluded_px] = np.argmin(masked, axis=-1)
-        labels = label_components(colour_map)
+        masked = np.where(present[comp[in_split]], colour_cost[in_split], np.inf)
+        colour_of[in_split] = np.argmin(masked, axis=1)
+        colour_map = np.full(fg.size, -1, dtype=np.int64)
+        colour_map[fg_px] = colour_of
+        obj_label = label_components(colour_map.reshape(fg.shape)).reshape(-1)[fg_px]
     else:
-        labels = np.where(colour_map >= 0, labels, -1)
+        obj_label = np.where(colour_of >= 0, comp_ids[comp], -1)
 
     # drop specks, then give each object the one-pixel ring around it (anti-aliased edges below FG_THRESHOLD)
-    ids, idx, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    labels = np.where((counts >= min_area)[idx.reshape(labels.shape)], labels, -1)
-    region = _dilate_labels(labels)
-    obj_ids, obj_idx = np.unique(region, return_inverse=True)
-    obj_idx = obj_idx.reshape(region.shape)
+    ids, inverse, counts = np.unique(obj_label, return_inverse=True, return_counts=True)
+    obj_label = np.where((counts >= min_area) & (ids >= 0), ids, -1)[inverse]
+    dense = np.full(fg.size, -1, dtype=np.int64)
+    dense[fg_px] = obj_label
+    region = _dilate_labels(dense.reshape(fg.shape)).reshape(-1)
+    region_px = np.flatnonzero(region >= 0)
+    obj_ids, obj = np.unique(region[region_px], return_inverse=True)
     n_obj = len(obj_ids)
-    flat = obj_idx.ravel()
+    labelled = obj_label >= 0
+    lut = np.full(fg.size, -1, dtype=np.int64)
+    lut[obj_ids] = np.arange(n_obj)
     o_colour = np.zeros(n_obj, dtype=np.int64)
-    o_colour[obj_idx[labels >= 0]] = colour_map[labels >= 0]
-    o_occluded = np.zeros(n_obj, dtype=bool)
-    o_occluded[obj_idx[labels >= 0]] = occluded_px[labels >= 0]
+    o_colour[lut[obj_label[labelled]]] = colour_of[labelled]
+    o_touching = np.zeros(n_obj, dtype=bool)  # within 2 px of another object
+    o_touching[lut[_near_other_label(dense.reshape(fg.shape), radius=2)]] = True
 
-    # coverage of each pixel by its object: projection of (pixel - background) on (colour - background)
-    colour = _COLOR_RGB[o_colour[obj_idx]]  # [F, H, W, 3]
-    bg = bg_rgb[:, None, None, :]
-    alpha = ((v - bg) * (colour - bg)).sum(-1) / np.maximum(((colour - bg) ** 2).sum(-1), 1e-6)
-    alpha = np.where(region >= 0, np.clip(alpha, 0.0, 1.0), 0.0).ravel()
-    rows = np.broadcast_to(np.arange(height)[None, :, None] + 0.5, labels.shape).ravel()
-    cols = np.broadcast_to(np.arange(width)[None, None, :] + 0.5, labels.shape).ravel()
-    o_area = np.bincount(flat, weights=alpha, minlength=n_obj)
-    o_sx = np.bincount(flat, weights=alpha * cols, minlength=n_obj)
-    o_sy = np.bincount(flat, weights=alpha * rows, minlength=n_obj)
+    # coverage of each region pixel by its object: projection of (pixel - background) on (colour - background)
+    frame_of = region_px // (height * width)
+    colour = _COLOR_RGB[o_colour[obj]]
+    bg = bg_rgb[frame_of]
+    alpha = ((pixels_rgb[region_px] - bg) * (colour - bg)).sum(1) / np.maximum(((colour - bg) ** 2).sum(1), 1e-6)
+    alpha = np.clip(alpha, 0.0, 1.0)
+    rows = (region_px // width) % height + 0.5
+    cols = region_px % width + 0.5
+    o_area = np.bincount(obj, weights=alpha, minlength=n_obj)
+    o_sx = np.bincount(obj, weights=alpha * cols, minlength=n_obj)
+    o_sy = np.bincount(obj, weights=alpha * rows, minlength=n_obj)
 
     # shape features from the half-covered pixels: bounding-box fill ratio and vertical centroid offset
     half = alpha >= 0.5
-    o_count = np.bincount(flat[half], minlength=n_obj).astype(np.float64)
+    o_count = np.bincount(obj[half], minlength=n_obj).astype(np.float64)
     r_min, r_max = np.full(n_obj, np.inf), np.full(n_obj, -np.inf)
     c_min, c_max = np.full(n_obj, np.inf), np.full(n_obj, -np.inf)
-    np.minimum.at(r_min, flat[half], rows[half])
-    np.maximum.at(r_max, flat[half], rows[half])
-    np.minimum.at(c_min, flat[half], cols[half])
-    np.maximum.at(c_max, flat[half], cols[half])
+    np.minimum.at(r_min, obj[half], rows[half])
+    np.maximum.at(r_max, obj[half], rows[half])
+    np.minimum.at(c_min, obj[half], cols[half])
+    np.maximum.at(c_max, obj[half], cols[half])
 
     detections = [
         FrameDetection(
@@ -293,7 +364,7 @@ def detect_video(video: Any) -> list[FrameDetection]:
     ]
     frame_size = height * width
     for j, obj_id in enumerate(obj_ids):
-        if obj_id < 0 or o_count[j] == 0:
+        if o_count[j] == 0:
             continue
         box_h, box_w = r_max[j] - r_min[j] + 1, c_max[j] - c_min[j] + 1
         cx, cy = o_sx[j] / o_area[j], o_sy[j] / o_area[j]
@@ -311,7 +382,8 @@ def detect_video(video: Any) -> list[FrameDetection]:
                 area=float(o_area[j]),
                 fill=float(fill),
                 offset=float(offset),
-                occluded=bool(o_occluded[j]),
+                touching=bool(o_touching[j]),
+                occluded=bool(o_touching[j]),
             )
         )
     return detections
@@ -335,28 +407,61 @@ class _Track:
 
 
 def _track(detections: list[FrameDetection], scale: float) -> list[_Track]:
-    """Link detections frame to frame: greedy by distance, a colour change costs a large penalty."""
+    """Link detections into tracks, then merge same-colour tracks interrupted by an occlusion.
+
+    1. Frame to frame, greedily by distance (within ``(2 * fast speed + 4) px`` per frame since the track's last
+       detection). A colour change costs a large penalty and is only allowed when no track has the detection's colour
+       (so a flickering colour stays one track, but two objects never swap identity while one is hidden).
+    2. A track whose clear (not touching) detections all come after those of an earlier track of the same colour
+       continues it (re-identification after an occlusion).
+    3. A touching detection is occluded unless its area is within :data:`WHOLE_AREA_TOLERANCE` of the track's usual
+       (median clear) area, i.e. unless it is the object in front.
+    """
     tracks: list[_Track] = []
     max_step = (2 * SPEEDS["fast"] + 4) * scale
     for t, frame in enumerate(detections):
+        colours = {track.last()[1].color for track in tracks}
         candidates = []
         for i, track in enumerate(tracks):
             t_last, last = track.last()
-            gate = max_step * (t - t_last)
             for j, obj in enumerate(frame.objects):
                 d = math.hypot(obj.x - last.x, obj.y - last.y)
-                if d <= gate:
-                    candidates.append((d + (0 if obj.color == last.color else 4 * max_step), i, j))
+                same = obj.color == last.color
+                if d <= max_step * (t - t_last) and (same or obj.color not in colours):
+                    candidates.append((d + (0 if same else 4 * max_step), i, j))
         used_tracks, used_objs = set(), set()
         for _, i, j in sorted(candidates):
             if i not in used_tracks and j not in used_objs:
                 tracks[i].detections[t] = frame.objects[j]
                 used_tracks.add(i)
                 used_objs.add(j)
-        for j, obj in enumerate(frame.objects):
-            if j not in used_objs:
-                tracks.append(_Track({t: obj}))
-    return tracks
+        tracks.extend(_Track({t: obj}) for j, obj in enumerate(frame.objects) if j not in used_objs)
+
+    def clear_frames(track: _Track) -> list[int]:
+        return sorted(t for t, d in track.detections.items() if not d.touching) or sorted(track.detections)
+
+    def colour(track: _Track) -> str:
+        return _mode([d.color for d in track.detections.values()])
+
+    merged: list[_Track] = []
+    for track in sorted(tracks, key=lambda tr: clear_frames(tr)[0]):
+        earlier = [m for m in merged if colour(m) == colour(track) and clear_frames(m)[-1] < clear_frames(track)[0]]
+        if not earlier:
+            merged.append(track)
+            continue
+        target = max(earlier, key=lambda m: clear_frames(m)[-1])
+        for t, d in track.detections.items():  # on shared frames keep the larger (more visible) detection
+            if t not in target.detections or d.area > target.detections[t].area:
+                target.detections[t] = d
+        target.detections = dict(sorted(target.detections.items()))
+
+    for track in merged:
+        clear = [d.area for d in track.detections.values() if not d.touching]
+        usual = float(np.median(clear)) if clear else max(d.area for d in track.detections.values())
+        for t, d in track.detections.items():
+            if d.touching:
+                track.detections[t] = replace(d, occluded=abs(d.area / usual - 1) > WHOLE_AREA_TOLERANCE)
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------ motion
@@ -370,38 +475,54 @@ class _Motion:
     unfolded: np.ndarray  # [S, 2] unfolded velocity (px/frame), initial orientation of the track
 
 
+def _unfold_axis(pos: np.ndarray, gaps: np.ndarray, lo: float, hi: float, ref_speed: float) -> np.ndarray:
+    """Unfolded velocity of each step along one axis with walls at ``lo``/``hi`` (the box centre's range).
+
+    Reflecting the line at the walls maps a bouncing path to a straight one: the end ``p1`` of a step of ``g``
+    frames from ``p0`` is, on the unfolded line, one of its images ``p1 + 2nL`` (an even number of reflections) or
+    ``2 hi - p1 + 2nL`` (odd; ``L = hi - lo``), i.e. a world velocity ``(image - p0) / g`` before the step. The first
+    step takes the explanation whose speed is closest to ``ref_speed``; later ones the explanation whose unfolded
+    velocity is closest to the previous step's (continuity), ties going to fewer reflections. An odd number of
+    reflections flips the sign that maps world velocity to unfolded velocity.
+    """
+    length = max(hi - lo, 1e-6)
+    unfolded = np.zeros(len(gaps))
+    parity = 1.0
+    for s, g in enumerate(gaps):
+        p0, p1 = pos[s], pos[s + 1]
+        reach = g * (max(ref_speed, abs(unfolded[s - 1]) if s else 0.0) + 1.0) + length
+        n_max = int(reach // (2 * length)) + 1
+        options = []  # (world velocity before the step, number of reflections)
+        for n in range(-n_max, n_max + 1):
+            options.append(((p1 + 2 * n * length - p0) / g, 2 * abs(n)))
+            options.append(((2 * hi - p1 + 2 * n * length - p0) / g, 2 * abs(n) + 1 if n >= 0 else 2 * abs(n) - 1))
+        if s == 0:
+            cost = [abs(abs(w) - ref_speed) for w, _ in options]
+        else:
+            cost = [abs(parity * w - unfolded[s - 1]) for w, _ in options]
+        best = min(range(len(options)), key=lambda i: (round(cost[i], 9), options[i][1]))
+        velocity, reflections = options[best]
+        unfolded[s] = parity * velocity
+        if reflections % 2:
+            parity = -parity
+    return unfolded
+
+
 def _motion(track: _Track, height: int, width: int) -> _Motion:
+    """Unfold the track's unoccluded positions; walls from the track's median size."""
     valid = sorted(t for t, d in track.detections.items() if not d.occluded)
     frames = valid if valid else sorted(track.detections)
     size = float(np.median([track.detections[t].size for t in frames]))
-    pos = np.asarray([[track.detections[t].x, track.detections[t].y] for t in valid]).reshape(-1, 2)
-    times = np.asarray(valid)
     if len(valid) < 2:
-        return _Motion(size, np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2)))
+        return _Motion(size, np.zeros(0, dtype=int), np.zeros(0, dtype=int), np.zeros((0, 2)))
+    pos = np.asarray([[track.detections[t].x, track.detections[t].y] for t in valid])
+    times = np.asarray(valid)
     gaps = np.diff(times)
-    raw = np.diff(pos, axis=0) / gaps[:, None]
-    ref_speed = np.median(np.abs(raw), axis=0)  # per axis: reflection steps are a minority
-    unfolded = np.zeros_like(raw)
-    for axis, extent in enumerate((width, height)):
-        lo, hi = size, extent - size
-        parity = 1.0
-        for s in range(len(gaps)):
-            p0, p1, g = pos[s, axis], pos[s + 1, axis], gaps[s]
-            options = [  # (velocity before the step, reflected?)
-                ((p1 - p0) / g, False),
-                (-((p0 - lo) + (p1 - lo)) / g, True),
-                (((hi - p0) + (hi - p1)) / g, True),
-            ]
-            if s == 0:  # no history: the speed closest to the track's median speed
-                def cost(o: tuple[float, bool]) -> tuple[float, bool]:
-                    return abs(abs(o[0]) - ref_speed[axis]), o[1]
-            else:  # continuity: the unfolded velocity closest to the previous step's
-                def cost(o: tuple[float, bool]) -> tuple[float, bool]:
-                    return abs(parity * o[0] - unfolded[s - 1, axis]), o[1]
-            velocity, reflected = min(options, key=cost)
-            unfolded[s, axis] = parity * velocity
-            if reflected:
-                parity = -parity
+    ref_speed = np.median(np.abs(np.diff(pos, axis=0)) / gaps[:, None], axis=0)  # reflections are a minority
+    unfolded = np.stack(
+        [_unfold_axis(pos[:, a], gaps, size, extent - size, ref_speed[a]) for a, extent in enumerate((width, height))],
+        axis=1,
+    )
     return _Motion(size, times[1:], gaps, unfolded)
 
 
@@ -450,7 +571,7 @@ def _rerender(
             drawn.append((visible, (shape, _COLOR_RGB[_COLOR_NAMES.index(color)], obj.x, obj.y, size)))
     drawn.sort(key=lambda d: d[0])
     background = _BG_RGB[_BG_NAMES.index(detection.background)]
-    return _compose(background, [d[1] for d in drawn], height, width)
+    return compose_frame(background, [d[1] for d in drawn], height, width)
 
 
 def _shape_area(shape: str, size: float) -> float:
@@ -489,15 +610,13 @@ def _match_scores(track_info: dict[str, Any], target: dict[str, str], scale: flo
         "color": float(track_info["color"] == target["color"]),
         "shape": float(track_info["shape"] == target["shape"]),
     }
-    if motion_measurable:
+    if motion_measurable and speed is not None:  # speed is None: no unoccluded step in the window (hidden)
         direction = np.asarray(DIRECTIONS[target["direction"]])
-        angle = 90.0 if velocity is None else _angle(velocity, direction)
+        angle = 90.0 if velocity is None else _angle(velocity, direction)  # static: no direction
         out["direction"] = float(velocity is not None and angle < DIRECTION_TOLERANCE)
-        out["speed"] = float(
-            speed is not None and velocity is not None and _speed_class(speed, scale) == target["speed"]
-        )
-        out["direction_error"] = angle if speed is not None else None
-        out["speed_error"] = abs(speed - SPEEDS[target["speed"]] * scale) if speed is not None else None
+        out["speed"] = float(velocity is not None and _speed_class(speed, scale) == target["speed"])
+        out["direction_error"] = angle
+        out["speed_error"] = abs(speed - SPEEDS[target["speed"]] * scale)
     return out
 
 
@@ -524,7 +643,9 @@ def _window_metrics(
         present = [t for t in frames if t in track.detections]
         if 2 * len(present) < n_frames:
             continue
-        clear = [t for t in present if not track.detections[t].occluded] or present
+        # shape and size from the window's unoccluded frames; if hidden throughout, from the whole track's
+        clear = [t for t in present if not track.detections[t].occluded]
+        clear = clear or [t for t in track.detections if not track.detections[t].occluded] or present
         info = {
             "color": _mode([track.detections[t].color for t in present]),
             "shape": _mode([track.detections[t].shape for t in clear]),
@@ -583,17 +704,23 @@ def _window_metrics(
             best, best_key = (perm, scores), key
     perm, scores = best
 
+    # a missing object fails every attribute; a hidden one (no unoccluded step in the window) has no motion score
     keys = [k for k in _SEMANTIC_KEYS if motion_measurable or k in ("color", "shape")]
-    per_attr = {k: [s[k] if s is not None else 0.0 for s in scores] for k in keys}
+    per_attr: dict[str, list[float]] = {k: [] for k in keys}
+    for score in scores:
+        for k in keys:
+            if score is None:
+                per_attr[k].append(0.0)
+            elif k in score:
+                per_attr[k].append(score[k])
     background_ok = float(out["background"] == target["background"])
     count_ok = float(len(persistent) == len(wanted))
     matched = background_ok + count_ok + sum(sum(v) for v in per_attr.values())
-    total = 2 + len(keys) * len(wanted)
-    out["semantic_accuracy"] = matched / total
+    out["semantic_accuracy"] = matched / (2 + sum(len(v) for v in per_attr.values()))
     out["background_accuracy"] = background_ok
     out["count_accuracy"] = count_ok
     for k in _SEMANTIC_KEYS:
-        out[f"{k}_accuracy"] = float(np.mean(per_attr[k])) if k in per_attr else None
+        out[f"{k}_accuracy"] = float(np.mean(per_attr[k])) if per_attr.get(k) else None
     for err in ("speed_error", "direction_error"):
         values = [s[err] for s in scores if s is not None and s.get(err) is not None]
         out[err] = float(np.mean(values)) if values else None
@@ -618,7 +745,7 @@ def _window_metrics(
 
 
 def evaluate_video(
-    video: Any, caption: str | Scene | dict | None = None, chunk_frames: int | None = None
+    video: Any, caption: str | Scene | dict | None = None, chunk_frames: int | Sequence[int] | None = None
 ) -> dict[str, Any]:
     """Evaluate one video (``[F, H, W, 3]`` uint8 or float in [0, 1], numpy or torch) against its caption.
 
@@ -626,14 +753,15 @@ def evaluate_video(
     (caption-free metrics only: psnr, speed, physics, consistency). Returns a JSON-serialisable dict of the metrics
     in :data:`METRIC_DESCRIPTIONS` over the whole video, ``objects`` (per caption object: what it was matched to),
     and ``per_chunk``: the same metrics for frames ``[k * chunk_frames, (k + 1) * chunk_frames)`` of every chunk
-    ``k`` (the last may be shorter; empty when ``chunk_frames`` is None). Motion steps belong to the chunk of their
-    end frame, so every step is counted once. Undefined values (e.g. no motion in a 1-frame video) are None.
+    ``k`` (the last may be shorter; empty when ``chunk_frames`` is None). A list gives the chunk lengths instead, the
+    last one repeating: ``[9, 12]`` matches a pipeline decoding chunks of 3 latent frames (9, 12, 12, ... frames).
+    Motion steps belong to the chunk of their end frame, so every step is counted once. Undefined values (e.g. no
+    motion in a 1-frame video) are None.
     """
     target = _caption_objects(caption)
     v = _as_video(video)
     num_frames, height, width, _ = v.shape
-    if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1):
-        raise ValueError(f"chunk_frames must be a positive int or None, got {chunk_frames!r}")
+    bounds = _chunk_bounds(num_frames, chunk_frames)
     scale = resolution_scale(height, width)
 
     detections = detect_video(v)
@@ -652,13 +780,28 @@ def evaluate_video(
     result = _window_metrics(detections, tracks, motions, psnr, target, 0, num_frames, scale)
     result["num_frames"] = num_frames
     result["per_chunk"] = []
-    if chunk_frames is not None:
-        for k, start in enumerate(range(0, num_frames, chunk_frames)):
-            end = min(start + chunk_frames, num_frames)
-            chunk = _window_metrics(detections, tracks, motions, psnr, target, start, end, scale)
-            chunk.pop("objects", None)
-            result["per_chunk"].append({"chunk": k, **chunk})
+    for k, (start, end) in enumerate(bounds):
+        chunk = _window_metrics(detections, tracks, motions, psnr, target, start, end, scale)
+        chunk.pop("objects", None)
+        result["per_chunk"].append({"chunk": k, **chunk})
     return result
+
+
+def _chunk_bounds(num_frames: int, chunk_frames: int | Sequence[int] | None) -> list[tuple[int, int]]:
+    """``[start, end)`` of each chunk: ``chunk_frames`` frames each, or the given lengths (the last one repeats)."""
+    if chunk_frames is None:
+        return []
+    lengths = list(chunk_frames) if isinstance(chunk_frames, (list, tuple)) else [chunk_frames]
+    if not lengths or any(not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1 for n in lengths):
+        raise ValueError(
+            f"chunk_frames must be a positive int, a non-empty list of them, or None; got {chunk_frames!r}"
+        )
+    bounds, start = [], 0
+    while start < num_frames:
+        length = int(lengths[min(len(bounds), len(lengths) - 1)])
+        bounds.append((start, min(start + length, num_frames)))
+        start += length
+    return bounds
 
 
 def _mean_of(dicts: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -673,7 +816,7 @@ def _mean_of(dicts: Sequence[dict[str, Any]]) -> dict[str, float | None]:
 def evaluate_batch(
     videos: Sequence[Any] | Any,
     captions: Sequence[str | Scene | dict | None],
-    chunk_frames: int | None = None,
+    chunk_frames: int | Sequence[int] | None = None,
     return_per_video: bool = False,
 ) -> dict[str, Any]:
     """Evaluate many videos; ``mean`` of every metric over videos and ``per_chunk`` means over the videos that have

@@ -29,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,6 +59,7 @@ __all__ = [
     "build_dataset",
     "caption",
     "combo_split",
+    "compose_frame",
     "is_held_out",
     "parse_caption",
     "render_frame",
@@ -339,7 +341,7 @@ def shape_coverage(
     return coverage
 
 
-def _compose(
+def compose_frame(
     background: Sequence[float],
     objects: Sequence[tuple[str, Sequence[float], float, float, float]],
     height: int,
@@ -366,7 +368,9 @@ def render_frame(scene: Scene, positions: np.ndarray) -> np.ndarray:
         (obj.shape, np.asarray(COLORS[obj.color]) / 255.0, x, y, obj.size)
         for obj, (x, y) in zip(scene.objects, positions)
     ]
-    return _to_uint8(_compose(np.asarray(BACKGROUNDS[scene.background]) / 255.0, objects, scene.height, scene.width))
+    return _to_uint8(
+        compose_frame(np.asarray(BACKGROUNDS[scene.background]) / 255.0, objects, scene.height, scene.width)
+    )
 
 
 def render_video(scene: Scene, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
@@ -503,7 +507,16 @@ def scene_from_attributes(row: dict[str, Any]) -> Scene:
     return Scene(background=row["background"], objects=objects, width=row["width"], height=row["height"])
 
 
-def _rows(num_samples: int, split: str, seed: int, num_frames: int | None, height: int, width: int, with_videos: bool):
+def _rows(
+    num_samples: int,
+    split: str,
+    seed: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    with_videos: bool,
+    world_version: str | None = None,
+) -> Iterator[dict[str, Any]]:
     for index in range(num_samples):
         row_seed = _row_seed(seed, index)
         scene = sample_scene(row_seed, split=split, height=height, width=width)
@@ -560,12 +573,11 @@ def build_dataset(
     if with_videos:
         features["video"] = datasets.Array4D(shape=(num_frames, height, width, 3), dtype="uint8")
     features = datasets.Features(features)
-    args = (num_samples, split, seed, num_frames, height, width, with_videos)
+    kwargs = dict(num_samples=num_samples, split=split, seed=seed, num_frames=num_frames, height=height, width=width)
     if not with_videos:
-        return datasets.Dataset.from_list(list(_rows(*args)), features=features)
+        return datasets.Dataset.from_list(list(_rows(**kwargs, with_videos=False)), features=features)
+    # ``from_generator`` caches by its arguments: the hash of this file's source invalidates stale caches
+    kwargs["world_version"] = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
     return datasets.Dataset.from_generator(
-        _rows, features=features, gen_kwargs=dict(zip(_ROW_KWARGS, args)), split=datasets.Split(split)
+        _rows, features=features, gen_kwargs={**kwargs, "with_videos": True}, split=datasets.Split(split)
     )
-
-
-_ROW_KWARGS = ("num_samples", "split", "seed", "num_frames", "height", "width", "with_videos")

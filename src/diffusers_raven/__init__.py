@@ -22,6 +22,8 @@ _LAZY = {
     "CausalVideoPipeline": "diffusers_raven.pipelines",
     "CausalVideoPipelineOutput": "diffusers_raven.pipelines",
     "CausalVideoChunk": "diffusers_raven.pipelines",
+    "ODERegressionConfig": "diffusers_raven.trainer",
+    "ODERegressionTrainer": "diffusers_raven.trainer",
     "RavenConfig": "diffusers_raven.trainer",
     "RavenTrainer": "diffusers_raven.trainer",
     "CMGRPOConfig": "diffusers_raven.trainer",

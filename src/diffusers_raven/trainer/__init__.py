@@ -2,7 +2,16 @@
 extending ``transformers.Trainer``."""
 
 from .base import CausalVideoTrainerBase
+from .ode_trainer import ODERegressionConfig, ODERegressionTrainer, build_ode_dataset
 from .raven_config import HISTORY_MODES, RavenConfig
 from .raven_trainer import RavenTrainer
 
-__all__ = ["HISTORY_MODES", "CausalVideoTrainerBase", "RavenConfig", "RavenTrainer"]
+__all__ = [
+    "HISTORY_MODES",
+    "CausalVideoTrainerBase",
+    "ODERegressionConfig",
+    "ODERegressionTrainer",
+    "RavenConfig",
+    "RavenTrainer",
+    "build_ode_dataset",
+]

@@ -35,7 +35,7 @@ lint:
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup-tests
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_streaming.py
+	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -97,26 +97,29 @@ def attention_groups(frame_mask: torch.Tensor) -> list[tuple[int, int, list[tupl
 
 
 def rope_at(rope, frame_positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Wan's 3-D rotary tables for frames at the given (temporal) positions, ``[1, n·h·w, 1, head_dim]``.
+    """Wan's 3-D rotary tables for frames at the given (temporal) positions, as the halves that
+    :func:`apply_rotary` uses: ``cos`` at even and ``sin`` at odd channels, each ``[1, n·h·w, 1, head_dim / 2]``.
 
-    Equal to ``WanRotaryPosEmbed.forward`` for positions ``0..n-1``; any positions inside the table are allowed.
+    Equal to ``WanRotaryPosEmbed.forward`` (then sliced) for positions ``0..n-1``; any positions inside the table are
+    allowed.
     """
     split = [rope.t_dim, rope.h_dim, rope.w_dim]
     n = frame_positions.numel()
     tables = []
-    for freqs in (rope.freqs_cos, rope.freqs_sin):
+    for freqs, offset in ((rope.freqs_cos, 0), (rope.freqs_sin, 1)):
         f_t, f_h, f_w = freqs.split(split, dim=1)
         f_t = f_t[frame_positions.to(f_t.device)].view(n, 1, 1, -1).expand(n, height, width, -1)
         f_h = f_h[:height].view(1, height, 1, -1).expand(n, height, width, -1)
         f_w = f_w[:width].view(1, 1, width, -1).expand(n, height, width, -1)
-        tables.append(torch.cat([f_t, f_h, f_w], dim=-1).reshape(1, n * height * width, 1, -1))
+        table = torch.cat([f_t, f_h, f_w], dim=-1).reshape(1, n * height * width, 1, -1)
+        tables.append(table[..., offset::2].contiguous())
     return tables[0], tables[1]
 
 
 def apply_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``hidden_states`` ``[B, L, heads, dim]`` (the convention of Wan's processor)."""
+    """Rotate interleaved pairs of ``hidden_states`` ``[B, L, heads, dim]`` (the convention of Wan's processor) with
+    the half tables of :func:`rope_at`."""
     x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.type_as(hidden_states)
 

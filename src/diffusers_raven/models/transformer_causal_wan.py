@@ -159,9 +159,19 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """Shortcut for :meth:`KVCache.for_model`."""
         return KVCache.for_model(self, batch_size, **kwargs)
 
-    def _frame_timesteps(self, timestep, batch_size: int, frames: int, name: str) -> torch.Tensor:
+    def _rope(self, positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for frame ``positions``, memoised (a streamed chunk reuses them for every sampler step)."""
+        freqs = self.rope.freqs_cos
+        key = (tuple(positions.tolist()), height, width, str(freqs.device), freqs.dtype)
+        cache = self.__dict__.setdefault("_rope_tables", {})
+        if key not in cache:
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            cache[key] = rope_at(self.rope, positions, height, width)
+        return cache[key]
+
+    def _frame_timesteps(self, timestep, batch_size: int, frames: int, name: str, device) -> torch.Tensor:
         """Timesteps as ``[B, frames]`` (post-patch frames) from a scalar, ``[B]`` or ``[B, F]`` tensor."""
-        device = self.device
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=device)
         timestep = timestep.to(device)
@@ -274,7 +284,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError("`update_cache=True` needs a `kv_cache`.")
 
         # 1. Frame bookkeeping: timesteps, positions and the attention plan.
-        frame_t = self._frame_timesteps(timestep, batch, frames, "timestep")
+        frame_t = self._frame_timesteps(timestep, batch, frames, "timestep", hidden_states.device)
         history_frames = 0
         if history is not None:
             if history.shape[0] != batch or history.shape[1] != hidden_states.shape[1] or history.shape[3:] != (
@@ -295,9 +305,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             if history_frames == frames:  # the last clean chunk is seen by nobody
                 history = history[:, :, : last_start * p_t]
                 history_frames = last_start
-            frame_t = torch.cat(
-                [frame_t, self._frame_timesteps(history_timestep, batch, history_frames, "history_timestep")], dim=1
+            history_t = self._frame_timesteps(
+                history_timestep, batch, history_frames, "history_timestep", hidden_states.device
             )
+            frame_t = torch.cat([frame_t, history_t], dim=1)
 
         positions = torch.arange(frame_offset, frame_offset + frames)
         if history_frames:
@@ -318,7 +329,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 n_visible = len(context.visible)
                 positions = torch.arange(n_visible, n_visible + frames)
                 if n_visible:
-                    context.rope_visible = rope_at(self.rope, torch.arange(n_visible), pph, ppw)
+                    context.rope_visible = self._rope(torch.arange(n_visible), pph, ppw)
         else:
             check_window(window_frames, sink_frames, chunk)
             if history is not None:
@@ -337,7 +348,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 "cache with `rope='relative'` to stream past it (positions relative to the visible window), or "
                 "raise `rope_max_seq_len`."
             )
-        context.rope = rope_at(self.rope, positions, pph, ppw)
+        context.rope = self._rope(positions, pph, ppw)
 
         # 2. Embeddings.
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)

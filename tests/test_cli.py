@@ -268,3 +268,24 @@ def test_video_errors(tmp_path):
     with pytest.raises(ValueError, match="frame size changed"):
         writer.append(np.zeros((1, 16, 8, 3)))
     writer.close()
+
+
+# ---------------------------------------------------------------------- eval
+def test_eval_writes_shapesworld_metrics(tmp_path, capsys):
+    import json
+
+    out_file = tmp_path / "metrics.json"
+    code, out, _ = _run(["eval", "--model", "random-tiny", "--videos", "2", "--frames", "21", "--quiet",
+                         "--output", str(out_file)], capsys)
+    assert code == 0 and "wrote" in out
+    result = json.loads(out_file.read_text())
+    assert result["num_videos"] == 2 and result["split"] == "test"
+    assert 0.0 <= result["mean"]["semantic_accuracy"] <= 1.0
+    assert [c["chunk"] for c in result["per_chunk"]] == [0, 1]  # 9 + 12 frames: the pipeline's two chunks
+    assert len(result["captions"]) == 2
+
+
+@pytest.mark.parametrize("extra,expected", [(["--frames", "10"], "num_frames"), (["--videos", "0"], "--videos")])
+def test_eval_errors_are_one_line(tmp_path, capsys, extra, expected):
+    code, _, err = _run(["eval", "--model", "random-tiny", *extra], capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ DESCRIPTION = """\
 diffusers-raven: streaming autoregressive video diffusion.
 
   diffusers-raven generate --prompt "a red circle moving right"   write a video with the default model
+  diffusers-raven eval --output metrics.json                       ShapesWorld metrics of a model (JSON)
   diffusers-raven convert --checkpoint model.pt --output out/     turn a Self Forcing / LongLive / CausVid
                                                                     checkpoint into a diffusers folder
 
@@ -25,6 +26,7 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_eval import add_eval_parser
     from .cli_generate import add_generate_parser
     from .convert import add_convert_parser
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     add_generate_parser(sub)
+    add_eval_parser(sub)
     add_convert_parser(sub)
     return parser
 

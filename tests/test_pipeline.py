@@ -186,6 +186,10 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert index["transformer"] == ["diffusers_raven", "CausalWanTransformer3DModel"]
     assert index["scheduler"] == ["diffusers_raven", "ConsistencyFlowMatchScheduler"]
     assert index["_class_name"] == "CausalVideoPipeline"
+    sized = CausalVideoPipeline(**pipe.components, sample_height=32, sample_width=48)
+    sized.save_pretrained(tmp_path / "sized")
+    reloaded = CausalVideoPipeline.from_pretrained(tmp_path / "sized")
+    assert (reloaded.default_height, reloaded.default_width) == (32, 48)
     loaded = CausalVideoPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     a = pipe("a red circle", num_frames=21, generator=gen(0), **SIZE).frames

@@ -173,6 +173,8 @@ class CausalVideoPipeline(DiffusionPipeline):
         transformer ([`CausalWanTransformer3DModel`]): the causal video transformer.
         vae ([`~diffusers.AutoencoderKLWan`]): the Wan video autoencoder.
         scheduler ([`ConsistencyFlowMatchScheduler`] or [`FlowMatchSDEScheduler`]): the chunk sampler.
+        sample_height, sample_width (`int`, *optional*): the video size the model was trained at, used when
+            `height` / `width` are not given.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -185,11 +187,15 @@ class CausalVideoPipeline(DiffusionPipeline):
         transformer: CausalWanTransformer3DModel,
         vae: AutoencoderKLWan,
         scheduler: ConsistencyFlowMatchScheduler | FlowMatchSDEScheduler,
+        sample_height: int | None = None,
+        sample_width: int | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
         )
+        # The size the model was trained at (saved in model_index.json): the default of `height` / `width`.
+        self.register_to_config(sample_height=sample_height, sample_width=sample_width)
         self.vae_scale_factor_temporal = 2 ** sum(vae.config.temperal_downsample) if vae is not None else 4
         self.vae_scale_factor_spatial = 2 ** len(vae.config.temperal_downsample) if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -619,11 +625,14 @@ class CausalVideoPipeline(DiffusionPipeline):
 
     @property
     def default_height(self) -> int:
-        return 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        """``sample_height`` of the config, else 8 patches of latent height."""
+        sample = getattr(self.config, "sample_height", None)
+        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
 
     @property
     def default_width(self) -> int:
-        return self.default_height
+        sample = getattr(self.config, "sample_width", None)
+        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[2]
 
     def stream(
         self,

@@ -266,7 +266,8 @@ class CausalVideoTrainerBase(Trainer):
             return output_dir
         components = dict(self.pipeline.components)
         components["transformer"] = self.export_transformer(use_ema)
-        CausalVideoPipeline(**components).save_pretrained(output_dir)
+        sizes = {k: getattr(self.pipeline.config, k, None) for k in ("sample_height", "sample_width")}
+        CausalVideoPipeline(**components, **sizes).save_pretrained(output_dir)
         if self.peft_config is not None:
             self.student.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
         self.create_model_card(output_dir)

@@ -19,8 +19,8 @@ setup: $(VENV)/.created
 	$(PIP) install --quiet -e ".[video]"
 
 setup-tests: $(VENV)/.created
-	@command -v ffmpeg >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null) || echo "warning: could not install ffmpeg"; }
-	$(PIP) install --quiet -e ".[tests,video]"
+	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq ffmpeg chromium >/dev/null) || echo "warning: could not install ffmpeg/chromium"; }
+	$(PIP) install --quiet -e ".[tests,video,space]"
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diffusers-raven generate --prompt "$(PROMPT)" --output $(OUT)

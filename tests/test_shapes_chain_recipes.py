@@ -1,0 +1,134 @@
+"""The ShapesWorld teacher and student recipes (trainers/shapes_teacher.py, trainers/shapes_student.py) run end to
+end on tiny configs, with a tiny text stack and VAE built here, and save loadable models and complete metrics."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+TRAINERS = os.path.join(os.path.dirname(__file__), os.pardir, "trainers")
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TRAINERS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(path, **values) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The recipes set torch's thread count; give the rest of the session its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A word tokenizer over every one-object caption, a tiny frozen UMT5 encoder and a tiny Wan VAE."""
+    from diffusers_raven.shapes import all_captions
+    from diffusers_raven.utils.tiny import build_word_tokenizer, tiny_text_encoder, tiny_vae
+
+    root = tmp_path_factory.mktemp("shapes_inputs")
+    tokenizer = build_word_tokenizer(corpus=all_captions())
+    tokenizer.model_max_length = 18
+    tokenizer.save_pretrained(root / "tokenizer")
+    tiny_text_encoder(len(tokenizer), d_model=16, d_ff=32).save_pretrained(root / "text_encoder")
+    tiny_vae(z_dim=4, base_dim=8).save_pretrained(root / "vae")
+    return {"tokenizer_path": str(root / "tokenizer"), "text_encoder_path": str(root / "text_encoder"),
+            "vae_path": str(root / "vae")}
+
+
+TINY_TEACHER = dict(num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, freq_dim=16,
+                    num_frames=9, height=32, width=32, batch_size=2, fresh_videos_per_step=1, latent_pool_size=2,
+                    warmup_steps=0, log_every_steps=1, checkpoint_every_steps=1, eval_every_steps=0,
+                    eval_num_videos=1, eval_num_steps=2, num_threads=1)
+
+
+def test_teacher_then_student(tmp_path, inputs):
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_raven import CausalVideoPipeline, CausalWanTransformer3DModel
+
+    out = tmp_path / "out"
+    teacher_recipe = load_recipe("shapes_teacher")
+    config = write_config(tmp_path / "teacher.yaml", **inputs, **TINY_TEACHER, max_steps=2)
+    teacher_recipe.main(["--config", config, "--output_dir", str(out)])
+    # resume from the checkpoint for one more step
+    config = write_config(tmp_path / "teacher.yaml", **inputs, **TINY_TEACHER, max_steps=3)
+    results = teacher_recipe.main(["--config", config, "--output_dir", str(out), "--resume", "last"])
+
+    teacher = WanTransformer3DModel.from_pretrained(out / "teacher")
+    assert teacher.config.in_channels == 4 and teacher.config.text_dim == 16 and teacher.config.num_layers == 1
+    metrics = json.loads((out / "teacher_metrics.json").read_text())
+    assert metrics["finished"] and metrics["steps"] == 3 and metrics["resumed_from"]["step"] == 2
+    assert [e["step"] for e in metrics["loss_curve"]] == [1, 2, 3]
+    assert metrics["train_scenes_rendered"] == 2 + 1 + 1  # the first step fills the pool with one batch
+    for key in ("config", "command", "vae_reference", "evals", "train_wall_seconds", "seconds_per_step",
+                "num_parameters", "final_eval"):
+        assert key in metrics, key
+    assert metrics["evals"][-1]["step"] == 3 and 0 <= metrics["evals"][-1]["semantic_accuracy"] <= 1
+    assert results["steps"] == 3
+
+    student_recipe = load_recipe("shapes_student")
+    config = write_config(
+        tmp_path / "student.yaml", **inputs, teacher_path=str(out / "teacher"), num_ode_pairs=2, ode_num_steps=4,
+        num_frames=9, height=32, width=32, batch_size=2, max_steps=2, warmup_steps=0, logging_steps=1, save_steps=0,
+        eval_num_videos=1, long_video_factor=2, eval_before_training=False, num_threads=1,
+    )
+    student_recipe.main(["--config", config, "--output_dir", str(out)])
+
+    pipe = CausalVideoPipeline.from_pretrained(out / "student")
+    assert isinstance(pipe.transformer, CausalWanTransformer3DModel)
+    assert pipe.transformer.config.num_frames_per_chunk == 3
+    assert set(pipe.transformer.state_dict()) == set(teacher.state_dict())
+    metrics = json.loads((out / "student_metrics.json").read_text())
+    assert metrics["finished"] and metrics["steps"] == 2 and metrics["ode_pairs"] == 2
+    assert metrics["eval_chunk_frames"] == [9, 12] and metrics["long_num_frames"] == 21
+    assert [e["step"] for e in metrics["loss_curve"]] == [1, 2]
+    for key in ("config", "command", "eval_teacher", "eval_after", "train_wall_seconds", "seconds_per_step"):
+        assert key in metrics, key
+    assert len(metrics["eval_after"]["train_length"]["per_chunk"]) == 1
+    assert len(metrics["eval_after"]["long"]["per_chunk"]) == 2  # 9 + 12 frames
+
+
+def test_student_starts_as_the_teacher():
+    """The causal student has the teacher's config and weights; on one chunk (no history) it predicts the same."""
+    import torch
+
+    from diffusers_raven.utils.tiny import tiny_transformer
+
+    student_recipe = load_recipe("shapes_student")
+    teacher = tiny_transformer(seed=3)
+    student = student_recipe.causal_student(teacher, 3).eval()
+    x, t, text = torch.randn(1, 4, 3, 4, 4), torch.tensor([700.0]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert torch.allclose(student(x, t, text).sample, teacher(x, t, text).sample, atol=1e-5)
+
+
+def test_bad_configs_raise(tmp_path):
+    teacher_recipe = load_recipe("shapes_teacher")
+    student_recipe = load_recipe("shapes_student")
+    for values, match in (({"num_frames": 20}, "1 \\+ 4k"), ({"attention_head_dim": 21}, "rotary"),
+                          ({"sigma_sampling": "uniform"}, "sigma_sampling"), ({"caption_dropout": 1.0}, "dropout"),
+                          ({"fresh_videos_per_step": 9}, "fresh"), ({"bogus": 1}, "unknown")):
+        with pytest.raises(ValueError, match=match):
+            teacher_recipe.load_config(write_config(tmp_path / "t.yaml", **values))
+    for values, match in (({"num_frames": 17}, "chunks"), ({"ode_num_steps": 30}, "multiple of 4")):
+        with pytest.raises(ValueError, match=match):
+            student_recipe.load_config(write_config(tmp_path / "s.yaml", **values))
+    with pytest.raises(ValueError, match="not a folder"):
+        teacher_recipe.load_frozen_inputs(teacher_recipe.ShapesTeacherConfig(vae_path=str(tmp_path / "none")))

@@ -1,0 +1,549 @@
+"""ShapesWorld model chain, stage 3: a small bidirectional Wan teacher trained with rectified-flow matching.
+
+    python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml
+    python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml --resume last   # continue a run
+
+Inputs: the frozen text stack of stage 1 (``tokenizer/``, ``text_encoder/``) and the VAE of stage 2 (``vae/``, with
+``latents_mean``/``latents_std`` set). The transformer's ``in_channels`` and ``text_dim`` are read from them.
+
+Every step renders ``fresh_videos_per_step`` new training-split scenes (``sample_scene(seed, split="train")``; the
+``n``-th rendered scene has seed ``train_seed + n``), encodes them with the frozen VAE (posterior mode, or a posterior
+sample) and normalises the latents (``normalize_latents``). On a CPU, encoding a whole batch costs about as much as
+the transformer step, so the rest of the batch is drawn from a ring buffer of the ``latent_pool_size`` most recently
+encoded videos (each video is then used about ``batch_size / fresh_videos_per_step`` times);
+``fresh_videos_per_step = batch_size`` makes every batch entirely fresh. Captions go through the frozen text encoder
+once (embeddings are cached per caption); with probability ``caption_dropout`` a caption is replaced by the empty
+prompt, so the model also learns the unconditional velocity that classifier-free guidance needs.
+
+Rectified flow (METHOD.md §0): ``x_σ = (1 − σ) x0 + σ ε``, timestep ``1000 σ``, loss ``‖v_θ(x_σ, σ) − (ε − x0)‖²``.
+The training sigmas are ``σ = shift_s(u)`` with ``u ~ U(0, 1)`` and ``s = train_shift`` (default 5, the shift of the
+sampler): the teacher's Euler sampler puts its steps uniformly in ``u`` on the same shifted grid, so with equal shifts
+every sampler step is trained as often as any other, and the high-noise region, where the four few-step sigmas of
+the student lie (METHOD §1), gets most of the updates. ``sigma_sampling: logit_normal`` (SD3: ``σ = sigmoid(m + s·z)``)
+is the alternative.
+
+AdamW with linear warm-up, then a cosine to ``min_lr_ratio`` over the run's progress ``max(step / max_steps,
+elapsed / time budget)``, so a run cut short by its time budget still anneals. An EMA of the weights (decay warmed up
+as ``min(ema_decay, (1 + step) / (10 + step))``) is what evaluation uses and what is saved.
+
+Evaluation every ``eval_every_steps`` and at the end: held-out-caption videos (``sample_scene(eval_seed + i,
+split="test")``) sampled from noise with ``eval_num_steps`` Euler steps on the shift-``eval_shift`` grid and
+classifier-free guidance ``eval_guidance_scale`` (``teacher_ode_trajectory``), decoded with the VAE and scored with
+``evaluate_batch``. Once, at the start, the same scenes' ground truth is encoded and decoded by the VAE and scored:
+the ceiling the teacher can reach through this VAE.
+
+Checkpoints: every ``checkpoint_every_steps`` the model, EMA, optimizer, step, RNG states, elapsed training time and
+the curves so far go to ``<output_dir>/teacher_checkpoint.pt`` (one file, replaced atomically). SIGTERM or Ctrl-C
+ends the loop after the current step and still evaluates and saves.
+
+Outputs in ``output_dir``: ``teacher/`` (``WanTransformer3DModel.save_pretrained``, EMA weights) and
+``teacher_metrics.json`` (loss curve, every evaluation, wall time, config, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import yaml
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents
+from diffusers_raven.shapes import caption, evaluate_batch, render_video, sample_scene
+from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
+from diffusers_raven.utils.text import encode_prompts
+
+SIGMA_SAMPLINGS = ("shifted_uniform", "logit_normal")
+LATENT_SAMPLINGS = ("mode", "sample")
+SUMMARY_METRICS = ("semantic_accuracy", "psnr", "physics_accuracy", "speed_error", "direction_error", "consistency")
+
+
+@dataclass
+class ShapesTeacherConfig:
+    """Configuration of the ShapesWorld teacher recipe (every field can be set in the YAML file).
+
+    Parameters that control the inputs: ``tokenizer_path``, ``text_encoder_path``, ``vae_path``.
+    Parameters that control the model: ``num_layers``, ``num_attention_heads``, ``attention_head_dim``,
+    ``ffn_dim`` (the width is heads × head dim), ``freq_dim``, ``model_seed``.
+    Parameters that control the data: ``num_frames`` (1 + 4k), ``height``, ``width``, ``batch_size``,
+    ``fresh_videos_per_step``, ``latent_pool_size``, ``train_seed``, ``latent_sampling``, ``max_sequence_length``, ``caption_dropout``.
+    Parameters that control the training: ``sigma_sampling``, ``train_shift``, ``logit_mean``, ``logit_std``,
+    ``learning_rate``, ``min_lr_ratio``, ``warmup_steps``, ``weight_decay``, ``adam_betas``, ``max_grad_norm``,
+    ``ema_decay``, ``max_steps``, ``time_budget_minutes``, ``log_every_steps``, ``checkpoint_every_steps``.
+    Parameters that control the evaluation: ``eval_*``.
+    """
+
+    # inputs
+    tokenizer_path: str = field(default="out/shapes/tokenizer", metadata={"help": "stage 1 tokenizer folder"})
+    text_encoder_path: str = field(default="out/shapes/text_encoder", metadata={"help": "stage 1 UMT5 encoder"})
+    vae_path: str = field(default="out/shapes/vae", metadata={"help": "stage 2 AutoencoderKLWan folder"})
+    # model
+    num_layers: int = field(default=6, metadata={"help": "transformer blocks"})
+    num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
+    attention_head_dim: int = field(default=48, metadata={"help": "head dim; rotary split h=w=2*(d//6), t=rest"})
+    ffn_dim: int = field(default=768, metadata={"help": "feed-forward size (4x the width by default)"})
+    freq_dim: int = field(default=64, metadata={"help": "sinusoidal timestep-embedding size"})
+    model_seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
+    # data
+    num_frames: int = field(default=21, metadata={"help": "frames per training video (1 + 4k)"})
+    height: int = field(default=64, metadata={"help": "pixel height (multiple of VAE factor x patch = 16)"})
+    width: int = field(default=64, metadata={"help": "pixel width"})
+    batch_size: int = field(default=8, metadata={"help": "videos per step"})
+    fresh_videos_per_step: int | None = field(default=None, metadata={"help": "newly rendered videos per step "
+                                              "(None: batch_size); the rest of the batch comes from the pool"})
+    latent_pool_size: int = field(default=512, metadata={"help": "most recent encoded videos kept for reuse"})
+    train_seed: int = field(default=0, metadata={"help": "the n-th rendered training scene has seed train_seed + n"})
+    latent_sampling: str = field(default="mode", metadata={"help": "VAE posterior 'mode' or 'sample'"})
+    max_sequence_length: int | None = field(default=None, metadata={"help": "text tokens (None: tokenizer's max)"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "probability of the empty prompt (for CFG)"})
+    # training
+    sigma_sampling: str = field(default="shifted_uniform", metadata={"help": "'shifted_uniform' or 'logit_normal'"})
+    train_shift: float = field(default=5.0, metadata={"help": "shift of the shifted-uniform sigma sampling"})
+    logit_mean: float = field(default=0.0, metadata={"help": "mean of the logit-normal sigma sampling"})
+    logit_std: float = field(default=1.0, metadata={"help": "std of the logit-normal sigma sampling"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate / peak"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (warmed up); the EMA is evaluated and saved"})
+    max_steps: int = field(default=100_000, metadata={"help": "stop after this many steps"})
+    time_budget_minutes: float = field(default=50.0, metadata={"help": "stop training after this much time"})
+    log_every_steps: int = field(default=10, metadata={"help": "loss-curve interval"})
+    checkpoint_every_steps: int = field(default=250, metadata={"help": "checkpoint interval (0 disables)"})
+    # evaluation
+    eval_every_steps: int = field(default=500, metadata={"help": "evaluate every this many steps (0: only at end)"})
+    eval_num_videos: int = field(default=8, metadata={"help": "held-out-caption videos per evaluation"})
+    eval_seed: int = field(default=1_000_000_000, metadata={"help": "first held-out scene seed"})
+    eval_num_steps: int = field(default=48, metadata={"help": "Euler steps of the sampler"})
+    eval_shift: float = field(default=5.0, metadata={"help": "shift of the sampler's sigma grid (METHOD §0)"})
+    eval_guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance of the sampler"})
+    eval_batch_size: int = field(default=8, metadata={"help": "videos per sampler batch"})
+    # outputs
+    output_dir: str = field(default="out/shapes", metadata={"help": "where teacher/ and the metrics go"})
+    num_threads: int = field(default=1, metadata={"help": "torch CPU threads (more oversubscribe a shared CPU)"})
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames={self.num_frames} must be 1 + 4k (Wan's 4x temporal compression)")
+        if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
+            raise ValueError(f"height x width = {self.height}x{self.width} must be positive multiples of 16")
+        d = self.attention_head_dim
+        h_dim, t_dim = 2 * (d // 6), d - 4 * (d // 6)
+        if h_dim <= 0 or t_dim <= 0 or t_dim % 2:
+            raise ValueError(f"attention_head_dim={d} gives odd/empty rotary parts (t={t_dim}, h=w={h_dim})")
+        for name in ("num_layers", "num_attention_heads", "ffn_dim", "freq_dim", "batch_size", "max_steps",
+                     "log_every_steps", "eval_num_videos", "eval_num_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.fresh_videos_per_step is None:
+            self.fresh_videos_per_step = self.batch_size
+        if not 1 <= self.fresh_videos_per_step <= self.batch_size:
+            raise ValueError(f"fresh_videos_per_step={self.fresh_videos_per_step} must be in [1, batch_size]")
+        if self.latent_pool_size < self.batch_size:
+            raise ValueError(f"latent_pool_size={self.latent_pool_size} must be >= batch_size={self.batch_size}")
+        if self.latent_sampling not in LATENT_SAMPLINGS:
+            raise ValueError(f"latent_sampling must be one of {LATENT_SAMPLINGS}, got {self.latent_sampling!r}")
+        if self.sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.train_shift <= 0 or self.eval_shift <= 0 or self.logit_std <= 0:
+            raise ValueError("train_shift, eval_shift and logit_std must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
+        if self.time_budget_minutes <= 0:
+            raise ValueError(f"time_budget_minutes={self.time_budget_minutes} must be positive")
+        if self.eval_every_steps < 0 or self.checkpoint_every_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("eval_every_steps, checkpoint_every_steps and warmup_steps must be >= 0")
+
+
+def load_config(path: str, overrides: dict | None = None) -> ShapesTeacherConfig:
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    spec.update(overrides or {})
+    unknown = set(spec) - {f.name for f in fields(ShapesTeacherConfig)}
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return ShapesTeacherConfig(**spec)
+
+
+# ------------------------------------------------------------------------------------------------ components
+def load_frozen_inputs(config: ShapesTeacherConfig):
+    """The stage 1 tokenizer + text encoder and the stage 2 VAE, frozen, in eval mode."""
+    for name in ("tokenizer_path", "text_encoder_path", "vae_path"):
+        if not os.path.isdir(getattr(config, name)):
+            raise ValueError(f"{name}={getattr(config, name)!r} is not a folder (run the earlier chain stages)")
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+    text_encoder = UMT5EncoderModel.from_pretrained(config.text_encoder_path).eval().requires_grad_(False)
+    vae = AutoencoderKLWan.from_pretrained(config.vae_path).eval().requires_grad_(False)
+    if vae.config.latents_mean is None or vae.config.latents_std is None:
+        raise ValueError(f"the VAE in {config.vae_path} has no latents_mean/latents_std (stage 2 sets them)")
+    return tokenizer, text_encoder, vae
+
+
+def teacher_config(config: ShapesTeacherConfig, in_channels: int, text_dim: int) -> dict:
+    """``WanTransformer3DModel`` kwargs: the config's sizes, the VAE's channels and the text encoder's width."""
+    return {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.attention_head_dim,
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "text_dim": text_dim,
+        "freq_dim": config.freq_dim,
+        "ffn_dim": config.ffn_dim,
+        "num_layers": config.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+
+
+class CaptionEmbeddings:
+    """Frozen text-encoder states per caption, computed once (``""`` is the unconditional prompt)."""
+
+    def __init__(self, tokenizer, text_encoder, max_sequence_length: int) -> None:
+        self.tokenizer, self.text_encoder, self.max_sequence_length = tokenizer, text_encoder, max_sequence_length
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            embeds = encode_prompts(self.tokenizer, self.text_encoder, missing, self.max_sequence_length)
+            self.cache.update(zip(missing, embeds))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+# ------------------------------------------------------------------------------------------------ data
+def render_scenes(seeds: list[int], split: str, config: ShapesTeacherConfig) -> tuple[torch.Tensor, list[str]]:
+    """One ``split`` scene per seed: float videos ``[B, 3, F, H, W]`` in [-1, 1] and their captions."""
+    scenes = [sample_scene(seed, split=split, height=config.height, width=config.width) for seed in seeds]
+    videos = np.stack([render_video(scene, config.num_frames) for scene in scenes])  # [B, F, H, W, 3]
+    pixels = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    return pixels, [caption(scene) for scene in scenes]
+
+
+@torch.no_grad()
+def encode_videos(vae: AutoencoderKLWan, pixels: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Normalised latents ``[B, C, F_latent, h, w]`` (posterior mode or a posterior sample)."""
+    posterior = vae.encode(pixels).latent_dist
+    if mode == "mode":
+        latents = posterior.mode()
+    else:
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    return normalize_latents(latents, vae)
+
+
+class LatentPool:
+    """Ring buffer of the most recently encoded training videos: ``(latents [C, F, h, w], caption)`` pairs."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.latents, self.captions, self.next = size, [], [], 0
+
+    def add(self, latents: torch.Tensor, captions: list[str]) -> None:
+        for x, text in zip(latents, captions):
+            if len(self.latents) < self.size:
+                self.latents.append(x)
+                self.captions.append(text)
+            else:
+                self.latents[self.next], self.captions[self.next] = x, text
+                self.next = (self.next + 1) % self.size
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[list[torch.Tensor], list[str]]:
+        """``n`` distinct entries, uniformly."""
+        picks = torch.randperm(len(self.latents), generator=generator)[:n].tolist()
+        return [self.latents[i] for i in picks], [self.captions[i] for i in picks]
+
+    def state_dict(self) -> dict:
+        return {"latents": self.latents, "captions": self.captions, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.latents, self.captions, self.next = list(state["latents"]), list(state["captions"]), state["next"]
+
+
+def training_batch(pool: LatentPool, vae, scenes_rendered: int, config, generator: torch.Generator):
+    """Draw the batch's reused videos from the pool, render and encode its fresh ones (which then join the pool).
+    Returns ``(x0 [B, C, F, h, w], captions, number of scenes rendered so far)``."""
+    fresh = max(config.fresh_videos_per_step, config.batch_size - len(pool.latents))  # the first step is all fresh
+    reused, reused_captions = pool.draw(config.batch_size - fresh, generator)
+    seeds = [config.train_seed + scenes_rendered + i for i in range(fresh)]
+    pixels, captions = render_scenes(seeds, "train", config)
+    latents = encode_videos(vae, pixels, config.latent_sampling, generator)
+    pool.add(latents, captions)
+    x0 = torch.cat([latents, torch.stack(reused)]) if reused else latents
+    return x0, captions + reused_captions, scenes_rendered + fresh
+
+
+def sample_sigmas(batch: int, config: ShapesTeacherConfig, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas (see the module docstring): ``shift_s(u)``, ``u ~ U(0, 1)``; or SD3's logit-normal."""
+    if config.sigma_sampling == "shifted_uniform":
+        u = torch.rand(batch, generator=generator)
+        s = config.train_shift
+        return s * u / (1 + (s - 1) * u)
+    return torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(batch, generator=generator))
+
+
+def learning_rate_at(step: int, progress: float, config: ShapesTeacherConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then a cosine from the peak to ``min_lr_ratio`` over ``progress``."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def to_uint8_videos(pixels: torch.Tensor) -> np.ndarray:
+    """``[B, 3, F, H, W]`` in [-1, 1] -> uint8 ``[B, F, H, W, 3]``."""
+    return ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents -> uint8 videos, one video per decode (bounded memory)."""
+    return np.concatenate([to_uint8_videos(vae.decode(denormalize_latents(x[None], vae)).sample) for x in latents])
+
+
+@torch.no_grad()
+def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str], config: ShapesTeacherConfig,
+                   seed: int) -> np.ndarray:
+    """Euler sampling of the guided teacher ODE from noise, decoded: uint8 ``[B, F, H, W, 3]``."""
+    factor = 2 ** len(vae.config.temperal_downsample)
+    shape = (model.config.in_channels, (config.num_frames - 1) // 4 + 1, config.height // factor,
+             config.width // factor)
+    generator = torch.Generator().manual_seed(seed)
+    videos = []
+    for start in range(0, len(captions), config.eval_batch_size):
+        batch = captions[start : start + config.eval_batch_size]
+        noise = torch.randn((len(batch), *shape), generator=generator)
+        negative = embeddings([""] * len(batch)) if config.eval_guidance_scale != 1.0 else None
+        _, x0 = teacher_ode_trajectory(model, noise, embeddings(batch), negative, [1.0], config.eval_guidance_scale,
+                                       config.eval_num_steps, config.eval_shift)
+        videos.append(decode_latents(vae, x0))
+    return np.concatenate(videos)
+
+
+def summary(result: dict) -> dict:
+    return {k: result["mean"].get(k) for k in SUMMARY_METRICS}
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A metric for printing (the evaluator gives None for an undefined value)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------ main
+class StopFlag:
+    """Set by SIGTERM so the loop ends after the current step and the run still saves its results."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self, signum, frame) -> None:
+        self.stop = True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
+    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
+    cli = parser.parse_args(argv)
+    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    command = " ".join(["python", "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(config.num_threads)
+    os.makedirs(config.output_dir, exist_ok=True)
+    metrics_path = os.path.join(config.output_dir, "teacher_metrics.json")
+    checkpoint_path = os.path.join(config.output_dir, "teacher_checkpoint.pt")
+
+    tokenizer, text_encoder, vae = load_frozen_inputs(config)
+    max_sequence_length = config.max_sequence_length or tokenizer.model_max_length
+    embeddings = CaptionEmbeddings(tokenizer, text_encoder, max_sequence_length)
+    model_kwargs = teacher_config(config, vae.config.z_dim, text_encoder.config.d_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.model_seed)
+        model = WanTransformer3DModel(**model_kwargs)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    model.train()
+    num_parameters = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas),
+                                  weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.train_seed)  # sigmas, noise, caption dropout, latent samples
+
+    eval_seeds = [config.eval_seed + i for i in range(config.eval_num_videos)]
+    eval_pixels, eval_captions = render_scenes(eval_seeds, "test", config)
+    results: dict = {
+        "config": asdict(config),
+        "command": command,
+        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs.items()},
+        "num_parameters": num_parameters,
+        "max_sequence_length": max_sequence_length,
+        "eval_captions": eval_captions,
+        "loss_curve": [],
+        "evals": [],
+    }
+    pool = LatentPool(config.latent_pool_size)
+    step, elapsed_before, scenes_rendered = 0, 0.0, 0
+    if cli.resume is not None:
+        path = checkpoint_path if cli.resume == "last" else cli.resume
+        if not os.path.isfile(path):
+            raise ValueError(f"--resume {cli.resume!r}: no checkpoint file at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed_before = state["step"], state["elapsed_seconds"]
+        scenes_rendered = state["scenes_rendered"]
+        pool.load_state_dict(state["pool"])
+        for key in ("loss_curve", "evals", "vae_reference"):
+            if key in state["results"]:
+                results[key] = state["results"][key]
+        results["resumed_from"] = {"path": path, "step": step}
+        print(f"resumed from {path} at step {step} ({elapsed_before:.0f} s of training so far)")
+    print(f"teacher: {num_parameters:,} parameters ({config.num_layers} layers, width "
+          f"{config.num_attention_heads * config.attention_head_dim}); latents {model_kwargs['in_channels']} ch; "
+          f"text {model_kwargs['text_dim']}-d x {max_sequence_length} tokens; eval on {len(eval_captions)} "
+          f"held-out captions")
+
+    if "vae_reference" not in results:  # ground truth through the VAE: the ceiling of the teacher's scores
+        reference = decode_latents(vae, encode_videos(vae, eval_pixels, "mode", generator))
+        results["vae_reference"] = summary(evaluate_batch(list(reference), eval_captions))
+        print(f"vae reference (held-out ground truth, encoded + decoded): {results['vae_reference']}")
+
+    def save_metrics(finished: bool) -> None:
+        with open(metrics_path, "w") as f:  # a partial file survives a killed run
+            json.dump({**results, "finished": finished}, f, indent=2)
+
+    def record_eval(at_step: int, elapsed: float) -> None:
+        start_eval = time.perf_counter()
+        videos = sample_teacher(ema, vae, embeddings, eval_captions, config, seed=config.eval_seed)
+        scores = evaluate_batch(list(videos), eval_captions)
+        entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores),
+                 "eval_seconds": round(time.perf_counter() - start_eval, 1)}
+        results["evals"].append(entry)
+        print(f"eval step {at_step}: semantic {fmt(entry['semantic_accuracy'])} psnr {fmt(entry['psnr'], 2)} "
+              f"physics {fmt(entry['physics_accuracy'])} ({entry['eval_seconds']:.0f} s)", flush=True)
+        save_metrics(False)
+
+    def save_checkpoint(elapsed: float) -> None:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                 "elapsed_seconds": elapsed, "scenes_rendered": scenes_rendered, "pool": pool.state_dict(),
+                 "results": results}
+        torch.save(state, checkpoint_path + ".tmp")
+        os.replace(checkpoint_path + ".tmp", checkpoint_path)
+
+    stop = StopFlag()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    budget_seconds = 60.0 * config.time_budget_minutes
+    start = time.perf_counter()
+    step_seconds: list[float] = []
+    stop_reason = "max_steps"
+    running, running_n = 0.0, 0
+    try:
+        while step < config.max_steps:
+            elapsed = elapsed_before + time.perf_counter() - start
+            if elapsed >= budget_seconds:
+                stop_reason = "time_budget"
+                break
+            if stop.stop:
+                stop_reason = "signal"
+                break
+            step_start = time.perf_counter()
+            lr = learning_rate_at(step, max(step / config.max_steps, elapsed / budget_seconds), config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            x0, captions, scenes_rendered = training_batch(pool, vae, scenes_rendered, config, generator)
+            dropped = torch.rand(len(captions), generator=generator) < config.caption_dropout
+            text = embeddings(["" if d else c for c, d in zip(captions, dropped.tolist())])
+            sigma = sample_sigmas(len(captions), config, generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            noisy = (1 - s) * x0 + s * noise
+            velocity = model(noisy, 1000 * sigma, text).sample
+            loss = flow_matching_loss(velocity, noise, x0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            update_ema(ema, model, step, config.ema_decay)
+            step += 1
+            step_seconds.append(time.perf_counter() - step_start)
+
+            running += loss.item()
+            running_n += 1
+            if step % config.log_every_steps == 0 or step == config.max_steps:
+                entry = {"step": step, "loss": running / running_n, "grad_norm": float(grad_norm), "lr": lr,
+                         "elapsed_seconds": round(elapsed_before + time.perf_counter() - start, 1)}
+                results["loss_curve"].append(entry)
+                print(f"step {step}: loss {entry['loss']:.4f} grad {entry['grad_norm']:.2f} lr {lr:.2e} "
+                      f"({entry['elapsed_seconds']:.0f} s)", flush=True)
+                running, running_n = 0.0, 0
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.max_steps:
+                record_eval(step, elapsed_before + time.perf_counter() - start)
+            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                save_checkpoint(elapsed_before + time.perf_counter() - start)
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    train_seconds = elapsed_before + time.perf_counter() - start
+
+    if not results["evals"] or results["evals"][-1]["step"] != step:
+        record_eval(step, train_seconds)
+    if config.checkpoint_every_steps:
+        save_checkpoint(train_seconds)
+    teacher_dir = os.path.join(config.output_dir, "teacher")
+    ema.save_pretrained(teacher_dir)
+
+    final = results["evals"][-1]
+    results.update(
+        {
+            "stop_reason": stop_reason,
+            "steps": step,
+            "train_videos_seen": step * config.batch_size,
+            "train_scenes_rendered": scenes_rendered,
+            "train_wall_seconds": round(train_seconds, 1),
+            "this_run_steps": len(step_seconds),
+            "seconds_per_step": round(float(np.mean(step_seconds)), 3) if step_seconds else None,
+            "seconds_per_step_median": round(float(np.median(step_seconds)), 3) if step_seconds else None,
+            "final_eval": final,
+            "final_loss": results["loss_curve"][-1]["loss"] if results["loss_curve"] else None,
+            "distinct_captions_embedded": len(embeddings.cache),
+            "total_wall_seconds_this_run": round(time.perf_counter() - start, 1),
+            "teacher_dir": teacher_dir,
+        }
+    )
+    save_metrics(True)
+    print(f"done: {step} steps, {train_seconds:.0f} s of training ({stop_reason}); final semantic "
+          f"{fmt(final['semantic_accuracy'])} psnr {fmt(final['psnr'], 2)}; saved {teacher_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""ShapesWorld model chain, stage 2: train a small Wan VAE (``AutoencoderKLWan``) on ShapesWorld clips.
+
+    python trainers/shapes_vae.py --config trainers/shapes_vae.yaml
+
+Every step renders fresh clips from new scene seeds (rendering is cheap next to the VAE), takes a random spatial
+crop of each (the VAE is convolutional, so crops cut the cost per step and it still encodes whole 64x64 frames), and
+minimises a reconstruction loss (L1 or MSE in [-1, 1] pixel units, on the decoder output before the [-1, 1] clamp of
+``vae.decode`` so saturated pixels keep their gradient) plus ``beta_kl`` times the KL divergence of the
+posterior to N(0, I). With ``sample_posterior: false`` the decoder sees the posterior mean in training, as it does
+in evaluation and downstream (in a 10-minute CPU try, decoding samples kept the held-out PSNR below 10 dB).
+The learning rate warms up linearly, then follows a cosine to ``min_lr_ratio`` over the run's progress,
+``max(step / max_steps, elapsed / time budget)``, so a run cut short by its time budget still anneals.
+
+Evaluation: reconstruction PSNR of whole held-out clips (seeds from ``eval_seed``, a range disjoint from the training
+seeds), full resolution, encoded to the posterior mode and decoded with ``vae.decode``; measured at step 0, every
+``eval_every_steps`` and at the end. Stopping early (Ctrl-C or SIGTERM) ends the loop and still saves everything.
+
+Before saving, ``latents_mean``/``latents_std`` in the VAE config are set to the per-channel mean/std of the latents
+(posterior mode) of ``stats_num_clips`` training clips, so ``normalize_latents`` gives ~unit-variance latents.
+
+Outputs in ``output_dir``: ``vae/`` (``save_pretrained``), ``vae_metrics.json`` (every printed figure, the config and
+the command) and ``vae_reconstruction.png`` (held-out clips: rows alternate original / reconstruction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import yaml
+from diffusers import AutoencoderKLWan
+from PIL import Image
+
+from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
+from diffusers_raven.shapes import render_video, sample_scene
+from diffusers_raven.utils.tiny import tiny_vae
+
+
+@dataclass
+class ShapesVAEConfig:
+    """Configuration of the ShapesWorld VAE recipe (every field can be set in the YAML file).
+
+    Parameters that control the model: ``z_dim``, ``base_dim``, ``dim_mult`` (4 entries: 8x spatial compression; the
+    temporal compression is Wan's 4x), ``model_seed``, ``init_logvar``.
+    Parameters that control the data: ``num_frames`` (1 + 4k), ``batch_size``, ``crop_size``, ``train_seed``.
+    Parameters that control the training: ``loss``, ``sample_posterior``, ``beta_kl``, ``learning_rate``,
+    ``min_lr_ratio``, ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ``max_steps``, ``time_budget_minutes``.
+    Parameters that control the evaluation and outputs: ``eval_*``, ``stats_num_clips``, ``output_dir``.
+    """
+
+    # model
+    z_dim: int = field(default=16, metadata={"help": "latent channels"})
+    base_dim: int = field(default=16, metadata={"help": "channels of the first encoder stage"})
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2], metadata={"help": "channel multipliers"})
+    model_seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
+    init_logvar: float | None = field(
+        default=None, metadata={"help": "initial bias of the posterior log-variance (None: keep the random init)"}
+    )
+    # data
+    num_frames: int = field(default=9, metadata={"help": "frames per training clip (1 + 4k)"})
+    batch_size: int = field(default=4, metadata={"help": "clips per step"})
+    crop_size: int = field(default=32, metadata={"help": "random square crop of each training clip (64 = none)"})
+    train_seed: int = field(default=0, metadata={"help": "scene seeds of step s are train_seed + s*batch_size + i"})
+    # training
+    loss: str = field(default="l1", metadata={"help": "reconstruction loss: 'l1' or 'mse'"})
+    sample_posterior: bool = field(
+        default=False, metadata={"help": "decode a posterior sample (True) or the posterior mean (False) in training"}
+    )
+    beta_kl: float = field(default=1e-6, metadata={"help": "weight of the KL term (summed over latent elements)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "final learning rate / peak"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_steps: int = field(default=10_000, metadata={"help": "stop after this many steps"})
+    time_budget_minutes: float = field(default=30.0, metadata={"help": "stop the training loop after this time"})
+    # evaluation and outputs
+    eval_every_steps: int = field(default=100, metadata={"help": "evaluate every this many steps"})
+    eval_seed: int = field(default=1_000_000_000, metadata={"help": "first held-out scene seed"})
+    eval_num_clips: int = field(default=6, metadata={"help": "held-out clips per evaluation"})
+    eval_num_frames: int = field(default=21, metadata={"help": "frames per held-out clip (1 + 4k)"})
+    stats_num_clips: int = field(default=16, metadata={"help": "training clips for latents_mean/latents_std"})
+    figure_frames: list[int] = field(default_factory=lambda: [0, 5, 10, 20], metadata={"help": "frames in the PNG"})
+    output_dir: str = field(default="out/shapes", metadata={"help": "where vae/ and the metrics go"})
+    num_threads: int = field(default=1, metadata={"help": "torch CPU threads (1 avoids oversubscribing a shared CPU)"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "eval_num_frames"):
+            if (getattr(self, name) - 1) % 4:
+                raise ValueError(f"{name}={getattr(self, name)} must be 1 + 4k (Wan's 4x temporal compression)")
+        if self.loss not in ("l1", "mse"):
+            raise ValueError(f"loss must be 'l1' or 'mse', got {self.loss!r}")
+        if self.crop_size % 8 or not 8 <= self.crop_size <= 64:
+            raise ValueError(f"crop_size={self.crop_size} must be a multiple of 8 in [8, 64]")
+
+
+def load_config(path: str, overrides: dict | None = None) -> ShapesVAEConfig:
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    spec.update(overrides or {})
+    unknown = set(spec) - {f.name for f in fields(ShapesVAEConfig)}
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return ShapesVAEConfig(**spec)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def render_clips(seeds: list[int], num_frames: int) -> torch.Tensor:
+    """Render one scene per seed: float ``[B, 3, F, 64, 64]`` in [-1, 1]."""
+    videos = np.stack([render_video(sample_scene(seed), num_frames) for seed in seeds])  # [B, F, H, W, 3]
+    return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def random_crop(clips: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent random ``size x size`` crop of each clip (all frames of a clip share the crop)."""
+    height, width = clips.shape[-2:]
+    if size >= min(height, width):
+        return clips
+    crops = []
+    for clip in clips:
+        top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+        crops.append(clip[..., top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    diff = reconstruction - target
+    return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
+
+
+def learning_rate_at(step: int, progress: float, config: ShapesVAEConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then a cosine from the peak to ``min_lr_ratio`` over ``progress``."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKLWan, clips: torch.Tensor) -> torch.Tensor:
+    """Encode to the posterior mode and decode with ``vae.decode``, one clip at a time: ``[B, 3, F, H, W]``."""
+    return torch.cat([vae.decode(vae.encode(clip[None]).latent_dist.mode()).sample for clip in clips])
+
+
+def to_uint8(clips: torch.Tensor) -> torch.Tensor:
+    return ((clips.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def psnr_per_clip(reference: torch.Tensor, reconstruction: torch.Tensor) -> list[float]:
+    """PSNR in dB of each whole clip, on the uint8 videos (peak 255)."""
+    diff = to_uint8(reference).float() - to_uint8(reconstruction).float()
+    mse = diff.pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+    return (10.0 * torch.log10(255.0**2 / mse)).tolist()
+
+
+def evaluate(vae: AutoencoderKLWan, clips: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    was_training = vae.training
+    vae.eval()
+    reconstruction = reconstruct(vae, clips)
+    vae.train(was_training)
+    psnr = psnr_per_clip(clips, reconstruction)
+    return {"psnr": float(np.mean(psnr)), "psnr_min": float(np.min(psnr)), "psnr_per_clip": psnr}, reconstruction
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKLWan, clips: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior-mode latents of ``clips`` (over clips, frames and positions)."""
+    vae.eval()
+    latents = torch.cat([vae.encode(clip[None]).latent_dist.mode() for clip in clips])  # [B, C, T, h, w]
+    per_channel = latents.transpose(0, 1).flatten(1)
+    return per_channel.mean(dim=1).tolist(), per_channel.std(dim=1).tolist()
+
+
+def save_reconstruction_figure(path: str, clips: torch.Tensor, reconstruction: torch.Tensor, frames: list[int]):
+    """A PNG grid: for each clip a row of original frames above a row of the same frames reconstructed."""
+    frames = [t for t in frames if t < clips.shape[2]]
+    rows = []
+    for original, decoded in zip(to_uint8(clips), to_uint8(reconstruction)):
+        for video in (original, decoded):
+            rows.append(torch.cat([video[:, t] for t in frames], dim=2))  # [3, H, len(frames) * W]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    Image.fromarray(grid).save(path)
+
+
+# ------------------------------------------------------------------------------------------------ main
+class StopFlag:
+    """Set by SIGTERM so the loop ends after the current step and the run still saves its results."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self, signum, frame) -> None:
+        self.stop = True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file with ShapesVAEConfig fields")
+    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    cli = parser.parse_args(argv)
+    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    command = " ".join(["python", "trainers/shapes_vae.py", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(config.num_threads)
+    os.makedirs(config.output_dir, exist_ok=True)
+    metrics_path = os.path.join(config.output_dir, "vae_metrics.json")
+
+    vae = tiny_vae(z_dim=config.z_dim, base_dim=config.base_dim, seed=config.model_seed, dim_mult=config.dim_mult)
+    if config.init_logvar is not None:
+        # ``quant_conv`` outputs [mean, logvar]: a negative bias starts training from a small posterior std
+        with torch.no_grad():
+            vae.quant_conv.bias[config.z_dim :] = config.init_logvar
+    vae.train()
+    num_parameters = sum(p.numel() for p in vae.parameters())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    crop_generator = torch.Generator().manual_seed(config.train_seed)
+    eval_clips = render_clips([config.eval_seed + i for i in range(config.eval_num_clips)], config.eval_num_frames)
+    print(f"vae: {num_parameters:,} parameters; eval on {config.eval_num_clips} held-out clips x "
+          f"{config.eval_num_frames} frames at {eval_clips.shape[-2]}x{eval_clips.shape[-1]}")
+
+    results: dict = {
+        "config": asdict(config),
+        "command": command,
+        "num_parameters": num_parameters,
+        "eval_curve": [],
+        "train_curve": [],
+    }
+
+    def record_eval(step: int, elapsed: float) -> torch.Tensor:
+        scores, reconstruction = evaluate(vae, eval_clips)
+        results["eval_curve"].append({"step": step, "elapsed_seconds": round(elapsed, 1), **scores})
+        print(f"eval step {step}: psnr {scores['psnr']:.2f} dB (min {scores['psnr_min']:.2f}) at {elapsed:.0f} s")
+        with open(metrics_path, "w") as f:  # a partial file survives a killed run
+            json.dump({**results, "finished": False}, f, indent=2)
+        return reconstruction
+
+    stop = StopFlag()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    budget_seconds = 60.0 * config.time_budget_minutes
+    start = time.perf_counter()
+    record_eval(0, 0.0)
+    step, stop_reason = 0, "max_steps"
+    running = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0, "n": 0}
+    try:
+        while step < config.max_steps:
+            elapsed = time.perf_counter() - start
+            if elapsed >= budget_seconds:
+                stop_reason = "time_budget"
+                break
+            if stop.stop:
+                stop_reason = "signal"
+                break
+            progress = max(step / config.max_steps, elapsed / budget_seconds)
+            lr = learning_rate_at(step, progress, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            seeds = [config.train_seed + step * config.batch_size + i for i in range(config.batch_size)]
+            clips = random_crop(render_clips(seeds, config.num_frames), config.crop_size, crop_generator)
+            posterior = vae.encode(clips).latent_dist
+            # unclamped decode: ``vae.decode`` clamps to [-1, 1], which zeroes the gradient of saturated pixels
+            latents = posterior.sample() if config.sample_posterior else posterior.mode()
+            reconstruction = StreamingVAEDecoder(vae, clamp=False).decode(latents)
+            rec_loss = reconstruction_loss(reconstruction, clips, config.loss)
+            kl = kl_to_standard_normal(posterior.mean, posterior.logvar)
+            loss = rec_loss + config.beta_kl * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
+            optimizer.step()
+            step += 1
+
+            for key, value in (("loss", loss), ("reconstruction", rec_loss), ("kl", kl)):
+                running[key] += value.detach().item()
+            running["n"] += 1
+            if step % 10 == 0 or step == config.max_steps:
+                n = running.pop("n")
+                entry = {"step": step, "lr": lr, **{k: v / n for k, v in running.items()}}
+                results["train_curve"].append(entry)
+                print(f"step {step}: loss {entry['loss']:.4f} rec {entry['reconstruction']:.4f} "
+                      f"kl {entry['kl']:.1f} lr {lr:.2e} ({time.perf_counter() - start:.0f} s)", flush=True)
+                running = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0, "n": 0}
+            if step % config.eval_every_steps == 0 and step < config.max_steps:
+                record_eval(step, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    train_seconds = time.perf_counter() - start
+
+    final_reconstruction = record_eval(step, train_seconds)
+    stats_clips = render_clips([config.train_seed + i for i in range(config.stats_num_clips)], config.eval_num_frames)
+    latents_mean, latents_std = latent_statistics(vae, stats_clips)
+    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    with torch.no_grad():  # check: held-out latents after normalisation should be ~zero-mean, unit-variance
+        held_out = torch.cat([vae.encode(clip[None]).latent_dist.mode() for clip in eval_clips])
+        normalized = normalize_latents(held_out, vae)
+    vae_dir = os.path.join(config.output_dir, "vae")
+    vae.save_pretrained(vae_dir)
+    save_reconstruction_figure(
+        os.path.join(config.output_dir, "vae_reconstruction.png"), eval_clips, final_reconstruction,
+        config.figure_frames,
+    )
+
+    final = results["eval_curve"][-1]
+    results.update(
+        {
+            "finished": True,
+            "stop_reason": stop_reason,
+            "steps": step,
+            "train_clips_seen": step * config.batch_size,
+            "train_wall_seconds": round(train_seconds, 1),
+            "total_wall_seconds": round(time.perf_counter() - start, 1),
+            "seconds_per_step": round(train_seconds / max(step, 1), 3),
+            "final_psnr": final["psnr"],
+            "final_psnr_min": final["psnr_min"],
+            "initial_psnr": results["eval_curve"][0]["psnr"],
+            "latent_shape_per_eval_clip": list(held_out.shape[1:]),
+            "latents_mean": latents_mean,
+            "latents_std": latents_std,
+            "held_out_normalized_latent_mean": float(normalized.mean()),
+            "held_out_normalized_latent_std": float(normalized.std()),
+            "vae_dir": vae_dir,
+        }
+    )
+    with open(metrics_path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"done: {step} steps in {train_seconds:.0f} s ({stop_reason}); final psnr {final['psnr']:.2f} dB; "
+          f"normalised held-out latents mean {results['held_out_normalized_latent_mean']:.3f} "
+          f"std {results['held_out_normalized_latent_std']:.3f}; saved {vae_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -183,3 +183,32 @@ def test_normalize_roundtrip_matches_pipeline() -> None:
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
     assert torch.equal(denormalize_latents(lat, vae), lat / inv_std + mean)
     torch.testing.assert_close(normalize_latents(denormalize_latents(lat, vae), vae), lat)
+
+
+def test_pipeline_with_patchified_vae_uses_its_spatial_factor() -> None:
+    """A Wan 2.2-style VAE (2x2 patchify + two down-samplings) compresses 8x, not 2 ** len(temperal_downsample): the
+    pipeline must size its latents from the patch too, and its streamed frames must equal ``vae.decode``."""
+    from diffusers_raven import CausalVideoPipeline
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+    from diffusers_raven.pipelines.vae_streaming import vae_spatial_factor, vae_temporal_factor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+        is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=8,
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.0, 1.5, 0.5, 2.0],
+    ).eval()
+    assert (vae_spatial_factor(vae), vae_temporal_factor(vae)) == (8, 4)
+    assert (vae_spatial_factor(_make_vae("wan21")), vae_spatial_factor(_make_vae("wan22_patch"))) == (8, 16)
+
+    base = random_tiny_pipeline()
+    pipe = CausalVideoPipeline(**{**base.components, "vae": vae})
+    assert pipe.vae_scale_factor_spatial == 8
+    out = pipe("a red circle", num_frames=21, height=32, width=32, output_type="latent", generator=torch.manual_seed(0))
+    latents = out.frames
+    assert latents.shape[-3:] == (6, 4, 4)
+    video = pipe("a red circle", num_frames=21, height=32, width=32, output_type="pt", generator=torch.manual_seed(0))
+    assert video.frames.shape[1:] == (21, 3, 32, 32)
+    with torch.no_grad():
+        ref = vae.decode(denormalize_latents(latents, vae)).sample  # [B, 3, F, H, W] in [-1, 1]
+    torch.testing.assert_close(video.frames, (ref.permute(0, 2, 1, 3, 4) + 1) / 2, rtol=0, atol=1e-5)

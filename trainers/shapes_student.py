@@ -50,10 +50,21 @@ from diffusers_raven import (
     ODERegressionTrainer,
 )
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents
-from diffusers_raven.shapes import caption, evaluate_batch, sample_scene
+from diffusers_raven.shapes import (
+    SUMMARY_METRICS,  # noqa: F401  (re-exported for the recipes that read this one)
+    caption,
+    chunk_pixel_frames,
+    evaluate_batch,
+    evaluate_pipeline,
+    evaluate_pipeline_lengths,
+    format_metric,
+    held_out_captions,
+    long_video_frames,
+    sample_scene,
+    summarize_scores,
+)
 from diffusers_raven.trainer import build_ode_dataset
 
-SUMMARY_METRICS = ("semantic_accuracy", "psnr", "physics_accuracy", "speed_error", "direction_error", "consistency")
 PAIR_SETTINGS = ("num_ode_pairs", "ode_seed", "ode_num_steps", "ode_guidance_scale", "num_frames", "height", "width",
                  "max_sequence_length", "teacher_path")
 
@@ -215,33 +226,16 @@ class TimeBudget(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def chunk_pixel_frames(pipe: CausalVideoPipeline) -> list[int]:
-    """Pixel frames of the first latent chunk and of every later one (e.g. [9, 12] for 3-frame chunks)."""
-    t, chunk = pipe.vae_scale_factor_temporal, pipe.chunk_frames
-    return [1 + t * (chunk - 1), t * chunk]
+# The protocol (sampling, per-chunk scoring, summaries) is shared with the distillation recipe: see
+# ``diffusers_raven.shapes.pipeline_eval``.
+summary = summarize_scores
+fmt = format_metric
 
 
-def summary(result: dict) -> dict:
-    """The headline means and, per chunk, semantic accuracy, PSNR and physics."""
-    per_chunk = [{"chunk": c["chunk"], **{k: c.get(k) for k in ("semantic_accuracy", "psnr", "physics_accuracy")}}
-                 for c in result["per_chunk"]]
-    return {**{k: result["mean"].get(k) for k in SUMMARY_METRICS}, "per_chunk": per_chunk}
-
-
-def fmt(value, digits: int = 3) -> str:
-    """A metric for printing (the evaluator gives None for an undefined value)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-@torch.no_grad()
 def evaluate_student(pipe, captions: list[str], num_frames: int, config, max_sequence_length: int) -> dict:
     """4-step consistency samples (the pipeline default, no guidance) scored per chunk."""
-    start = time.perf_counter()
-    videos = pipe(captions, num_frames=num_frames, height=config.height, width=config.width,
-                  generator=torch.Generator().manual_seed(config.eval_seed), max_sequence_length=max_sequence_length,
-                  output_type="np").frames
-    scores = evaluate_batch(list(videos), captions, chunk_frames=chunk_pixel_frames(pipe))
-    return {"num_frames": num_frames, **summary(scores), "seconds": round(time.perf_counter() - start, 1)}
+    return evaluate_pipeline(pipe, captions, num_frames, config.height, config.width, config.eval_seed,
+                             max_sequence_length)
 
 
 @torch.no_grad()
@@ -260,14 +254,8 @@ def evaluate_teacher(pipe, teacher, captions: list[str], config, max_sequence_le
 
 
 def evaluate_both_lengths(pipe, captions, config, max_sequence_length, long_frames) -> dict:
-    out = {}
-    for name, frames in (("train_length", config.num_frames), ("long", long_frames)):
-        out[name] = evaluate_student(pipe, captions, frames, config, max_sequence_length)
-        chunks = " ".join(fmt(c["semantic_accuracy"], 2) for c in out[name]["per_chunk"])
-        print(f"  {name} ({frames} frames): semantic {fmt(out[name]['semantic_accuracy'])} psnr "
-              f"{fmt(out[name]['psnr'], 2)} physics {fmt(out[name]['physics_accuracy'])}; semantic per chunk "
-              f"[{chunks}] ({out[name]['seconds']:.0f} s)", flush=True)
-    return out
+    return evaluate_pipeline_lengths(pipe, captions, config.num_frames, long_frames, config.height, config.width,
+                                     config.eval_seed, max_sequence_length)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -289,9 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe, teacher = build_pipeline(config)
     max_sequence_length = config.max_sequence_length or pipe.tokenizer.model_max_length
     latent_frames = pipe.latent_frames_for(config.num_frames)
-    long_frames = 1 + pipe.vae_scale_factor_temporal * (config.long_video_factor * latent_frames - 1)
-    eval_captions = [caption(sample_scene(config.eval_seed + i, split="test", height=config.height,
-                                          width=config.width)) for i in range(config.eval_num_videos)]
+    long_frames = long_video_frames(pipe, config.num_frames, config.long_video_factor)
+    eval_captions = held_out_captions(config.eval_num_videos, config.eval_seed, config.height, config.width)
     num_parameters = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"student: {num_parameters:,} parameters, chunks of {pipe.chunk_frames} latent frames; "
           f"{config.num_frames} frames ({latent_frames} latent) for training, {long_frames} for the long evaluation")

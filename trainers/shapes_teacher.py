@@ -58,7 +58,7 @@ import yaml
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents
+from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
 from diffusers_raven.shapes import caption, evaluate_batch, render_video, sample_scene
 from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
 from diffusers_raven.utils.text import encode_prompts
@@ -330,7 +330,7 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> np.ndarray:
 def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str], config: ShapesTeacherConfig,
                    seed: int) -> np.ndarray:
     """Euler sampling of the guided teacher ODE from noise, decoded: uint8 ``[B, F, H, W, 3]``."""
-    factor = 2 ** len(vae.config.temperal_downsample)
+    factor = vae_spatial_factor(vae)
     shape = (model.config.in_channels, (config.num_frames - 1) // 4 + 1, config.height // factor,
              config.width // factor)
     generator = torch.Generator().manual_seed(seed)

@@ -41,7 +41,6 @@ from PIL import Image
 
 from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
 from diffusers_raven.shapes import render_video, sample_scene
-from diffusers_raven.utils.tiny import tiny_vae
 
 
 @dataclass
@@ -61,6 +60,12 @@ class ShapesVAEConfig:
     base_dim: int = field(default=16, metadata={"help": "channels of the first encoder stage"})
     dim_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2], metadata={"help": "channel multipliers"})
     model_seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
+    is_residual: bool = field(
+        default=False, metadata={"help": "Wan 2.2 residual blocks: parameter-free average-pool / duplicate shortcuts"}
+    )
+    patch_size: int | None = field(
+        default=None, metadata={"help": "pixel patchify before the encoder (Wan 2.2 style); spatial factor x patch"}
+    )
     init_logvar: float | None = field(
         default=None, metadata={"help": "initial bias of the posterior log-variance (None: keep the random init)"}
     )
@@ -98,6 +103,10 @@ class ShapesVAEConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be 1 + 4k (Wan's 4x temporal compression)")
         if self.loss not in ("l1", "mse"):
             raise ValueError(f"loss must be 'l1' or 'mse', got {self.loss!r}")
+        if len(self.dim_mult) < 2:
+            raise ValueError(f"dim_mult={self.dim_mult} needs at least 2 entries (one temporal+spatial down-sampling)")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"patch_size={self.patch_size} must be None or an int >= 1")
         if self.crop_size % 8 or not 8 <= self.crop_size <= 64:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of 8 in [8, 64]")
 
@@ -110,6 +119,33 @@ def load_config(path: str, overrides: dict | None = None) -> ShapesVAEConfig:
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
     return ShapesVAEConfig(**spec)
+
+
+def build_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
+    """The randomly initialised VAE of ``config``: ``len(dim_mult) - 1`` down-samplings, the last two also temporal
+    (4x in time); spatial factor ``2 ** (len(dim_mult) - 1)`` times ``patch_size``."""
+    downsamplings = len(config.dim_mult) - 1
+    temporal = [False] * max(downsamplings - 2, 0) + [True] * min(downsamplings, 2)
+    patch = config.patch_size or 1
+    channels = 3 * patch * patch
+    torch.manual_seed(config.model_seed)
+    vae = AutoencoderKLWan(
+        base_dim=config.base_dim,
+        z_dim=config.z_dim,
+        dim_mult=list(config.dim_mult),
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=temporal,
+        is_residual=config.is_residual,
+        patch_size=config.patch_size,
+        in_channels=channels,
+        out_channels=channels,
+        latents_mean=[0.0] * config.z_dim,
+        latents_std=[1.0] * config.z_dim,
+        scale_factor_temporal=2 ** sum(temporal),
+        scale_factor_spatial=2**downsamplings * patch,
+    )
+    return vae
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -221,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     metrics_path = os.path.join(config.output_dir, "vae_metrics.json")
 
-    vae = tiny_vae(z_dim=config.z_dim, base_dim=config.base_dim, seed=config.model_seed, dim_mult=config.dim_mult)
+    vae = build_vae(config)
     if config.init_logvar is not None:
         # ``quant_conv`` outputs [mean, logvar]: a negative bias starts training from a small posterior std
         with torch.no_grad():

@@ -34,7 +34,7 @@ from ..models import CausalWanTransformer3DModel, KVCache
 from ..models.kv_cache import check_window, visible_history
 from ..schedulers import ConsistencyFlowMatchScheduler, FlowMatchSDEScheduler
 from ..utils.text import encode_prompts
-from .vae_streaming import StreamingVAEDecoder, denormalize_latents
+from .vae_streaming import StreamingVAEDecoder, denormalize_latents, vae_spatial_factor, vae_temporal_factor
 
 logger = logging.get_logger(__name__)
 
@@ -196,8 +196,8 @@ class CausalVideoPipeline(DiffusionPipeline):
         )
         # The size the model was trained at (saved in model_index.json): the default of `height` / `width`.
         self.register_to_config(sample_height=sample_height, sample_width=sample_width)
-        self.vae_scale_factor_temporal = 2 ** sum(vae.config.temperal_downsample) if vae is not None else 4
-        self.vae_scale_factor_spatial = 2 ** len(vae.config.temperal_downsample) if vae is not None else 8
+        self.vae_scale_factor_temporal = vae_temporal_factor(vae) if vae is not None else 4
+        self.vae_scale_factor_spatial = vae_spatial_factor(vae) if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     # ------------------------------------------------------------------ loading

@@ -55,9 +55,18 @@ def denormalize_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> torch.T
     return latents / inv_std + mean
 
 
-def _temporal_factor(vae: AutoencoderKLWan) -> int:
+def vae_temporal_factor(vae: AutoencoderKLWan) -> int:
     """Frames produced by every latent frame after the first (``2 ** number of temporal upsamplings``)."""
     return 2 ** sum(bool(t) for t in vae.config.temperal_downsample)
+
+
+def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
+    """Pixels per latent along height and width: ``2 ** down-samplings``, times ``patch_size`` when the VAE patchifies
+    its input (Wan 2.2 style)."""
+    return 2 ** len(vae.config.temperal_downsample) * (vae.config.patch_size or 1)
+
+
+_temporal_factor = vae_temporal_factor
 
 
 def frames_for_latents(num_latent_frames: int, already_decoded: int = 0, temporal_factor: int = 4) -> int:

@@ -1,4 +1,5 @@
-"""ShapesWorld: a procedural text-to-video world (``world``) and its analytic, pixel-based evaluator (``evaluator``).
+"""ShapesWorld: a procedural text-to-video world (``world``), its analytic, pixel-based evaluator (``evaluator``) and
+the evaluation protocol of a causal video pipeline used by the model-chain recipes (``pipeline_eval``).
 
 A leaf package: it imports nothing else from ``diffusers_raven`` (``datasets`` only inside ``build_dataset``).
 """
@@ -13,6 +14,16 @@ from .evaluator import (
     evaluate_batch,
     evaluate_video,
     label_components,
+)
+from .pipeline_eval import (
+    SUMMARY_METRICS,
+    chunk_pixel_frames,
+    evaluate_pipeline,
+    evaluate_pipeline_lengths,
+    format_metric,
+    held_out_captions,
+    long_video_frames,
+    summarize_scores,
 )
 from .world import (
     BACKGROUNDS,
@@ -62,6 +73,7 @@ __all__ = [
     "SPEEDS",
     "SPEED_WORDS",
     "SPLITS",
+    "SUMMARY_METRICS",
     "SUPERSAMPLING",
     "DetectedObject",
     "FrameDetection",
@@ -70,15 +82,21 @@ __all__ = [
     "all_captions",
     "build_dataset",
     "caption",
+    "chunk_pixel_frames",
     "combo_split",
     "compose_frame",
     "detect_frame",
     "detections_to_dict",
     "detect_video",
     "evaluate_batch",
+    "evaluate_pipeline",
+    "evaluate_pipeline_lengths",
     "evaluate_video",
+    "format_metric",
+    "held_out_captions",
     "is_held_out",
     "label_components",
+    "long_video_frames",
     "parse_caption",
     "render_frame",
     "render_video",
@@ -86,6 +104,7 @@ __all__ = [
     "sample_scene",
     "scene_from_attributes",
     "shape_coverage",
+    "summarize_scores",
     "trajectory",
     "velocities",
     "vocabulary",

@@ -1,0 +1,97 @@
+"""The ShapesWorld evaluation protocol of a causal video pipeline, shared by the model-chain recipes.
+
+A pipeline (any object with ``CausalVideoPipeline``'s call signature, ``vae_scale_factor_temporal``,
+``chunk_frames`` and ``latent_frames_for``) samples one video per held-out caption with its default few-step
+sampler (no guidance, one seeded generator for the batch); :func:`~.evaluator.evaluate_batch` scores them with one
+window per latent chunk, so long videos show per-chunk drift. ``torch`` is imported inside the functions only, to
+keep :mod:`diffusers_raven.shapes` importable without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .evaluator import evaluate_batch
+from .world import caption, sample_scene
+
+__all__ = [
+    "SUMMARY_METRICS",
+    "chunk_pixel_frames",
+    "evaluate_pipeline",
+    "evaluate_pipeline_lengths",
+    "format_metric",
+    "held_out_captions",
+    "long_video_frames",
+    "summarize_scores",
+]
+
+#: The headline metrics of an evaluation (means over the videos; see ``METRIC_DESCRIPTIONS``).
+SUMMARY_METRICS: tuple[str, ...] = (
+    "semantic_accuracy", "psnr", "physics_accuracy", "speed_error", "direction_error", "consistency",
+)
+#: The metrics kept per chunk.
+CHUNK_METRICS: tuple[str, ...] = ("semantic_accuracy", "psnr", "physics_accuracy")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def held_out_captions(num_videos: int, seed: int, height: int, width: int) -> list[str]:
+    """Captions of the test-split scenes ``sample_scene(seed + i, split="test")``, ``i < num_videos``."""
+    return [caption(sample_scene(seed + i, split="test", height=height, width=width)) for i in range(num_videos)]
+
+
+def chunk_pixel_frames(pipe) -> list[int]:
+    """Pixel frames of the first latent chunk and of every later one (e.g. ``[9, 12]`` for 3-frame chunks)."""
+    t, chunk = pipe.vae_scale_factor_temporal, pipe.chunk_frames
+    return [1 + t * (chunk - 1), t * chunk]
+
+
+def long_video_frames(pipe, num_frames: int, factor: int) -> int:
+    """Output frames of a video with ``factor`` times the latent frames of a ``num_frames`` video."""
+    return 1 + pipe.vae_scale_factor_temporal * (factor * pipe.latent_frames_for(num_frames) - 1)
+
+
+def summarize_scores(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline means of an :func:`evaluate_batch` result and, per chunk, semantic accuracy, PSNR, physics."""
+    per_chunk = [{"chunk": c["chunk"], **{k: c.get(k) for k in CHUNK_METRICS}} for c in result["per_chunk"]]
+    return {**{k: result["mean"].get(k) for k in SUMMARY_METRICS}, "per_chunk": per_chunk}
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """A metric for printing (the evaluator gives None for an undefined value)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def evaluate_pipeline(pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
+                      max_sequence_length: int) -> dict[str, Any]:
+    """Sample ``captions`` with the pipeline's default sampler (generator seeded by ``seed``) and score them per
+    chunk: ``{"num_frames", <SUMMARY_METRICS>, "per_chunk", "seconds"}``."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        videos = pipe(captions, num_frames=num_frames, height=height, width=width,
+                      generator=torch.Generator().manual_seed(seed), max_sequence_length=max_sequence_length,
+                      output_type="np").frames
+    scores = evaluate_batch(list(videos), captions, chunk_frames=chunk_pixel_frames(pipe))
+    return {"num_frames": num_frames, **summarize_scores(scores), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evaluate_pipeline_lengths(pipe, captions: list[str], num_frames: int, long_frames: int, height: int, width: int,
+                              seed: int, max_sequence_length: int,
+                              log: Callable[[str], Any] | None = _print) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_pipeline` at the training length (``"train_length"``) and at ``long_frames`` (``"long"``),
+    with a one-line report of each through ``log`` (None: silent)."""
+    out = {}
+    for name, frames in (("train_length", num_frames), ("long", long_frames)):
+        out[name] = result = evaluate_pipeline(pipe, captions, frames, height, width, seed, max_sequence_length)
+        if log is not None:
+            chunks = " ".join(format_metric(c["semantic_accuracy"], 2) for c in result["per_chunk"])
+            log(f"  {name} ({frames} frames): semantic {format_metric(result['semantic_accuracy'])} psnr "
+                f"{format_metric(result['psnr'], 2)} physics {format_metric(result['physics_accuracy'])}; semantic "
+                f"per chunk [{chunks}] ({result['seconds']:.0f} s)")
+    return out

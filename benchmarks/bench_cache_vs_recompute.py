@@ -5,7 +5,8 @@ from the same initial and step noise:
 
 - ``cached``: what :class:`~diffusers_raven.CausalVideoPipeline` does. Every sampler step runs the model on the
   3-frame chunk only, attending to the KV cache; once the chunk is done, one more pass on the clean chunk (timestep
-  0) writes its keys and values to the cache. 5 passes of one chunk per chunk.
+  0) writes its keys and values to the cache. 5 passes of one chunk per chunk (4 for the last chunk, whose cache
+  entries nothing reads, as in the pipeline).
 - ``recompute``: a cache-less diffusion-forcing pipeline. Every sampler step of chunk ``j`` runs one block-causal
   pass over ``[the 3j clean frames generated so far | the noisy chunk]`` (per-frame timesteps 0 for the history,
   ``t_k`` for the chunk) and keeps the chunk's output. 4 passes of ``j + 1`` chunks for chunk ``j``.
@@ -95,8 +96,10 @@ class CachedGenerator:
         for k, t in enumerate(self.timesteps):
             velocity = self.model(x, torch.full((1,), t), self.text, kv_cache=self.cache, frame_offset=start).sample
             x = sampler_step(x, velocity, k, self.sigmas, self.video.step_noise, frames)
-        # The context pass: the clean chunk at timestep 0 writes its keys and values to the cache.
-        self.model(x, torch.zeros(1), self.text, kv_cache=self.cache, frame_offset=start, update_cache=True)
+        # The context pass: the clean chunk at timestep 0 writes its keys and values to the cache (as in the
+        # pipeline, not after the last chunk: nothing reads it).
+        if start + CHUNK_FRAMES < self.video.num_frames:
+            self.model(x, torch.zeros(1), self.text, kv_cache=self.cache, frame_offset=start, update_cache=True)
         return x
 
 
@@ -173,7 +176,7 @@ def frames_processed(num_frames: int, steps: int) -> tuple[int, int]:
     """Latent frames pushed through the model: (cached, recompute). Their ratio is the speedup if the cost were
     linear in the frames of each pass, i.e. without attention."""
     chunks = num_frames // CHUNK_FRAMES
-    cached = chunks * (steps + 1) * CHUNK_FRAMES
+    cached = (chunks * (steps + 1) - 1) * CHUNK_FRAMES
     recompute = steps * CHUNK_FRAMES * chunks * (chunks + 1) // 2
     return cached, recompute
 
@@ -199,7 +202,8 @@ def block_macs(num_frames: int, steps: int) -> tuple[int, int]:
     # Chunk j: each cached pass attends to j cached chunks + itself; the recompute pass over chunks 0..j lets chunk
     # i attend to chunks 0..i.
     cached = sum(
-        (steps + 1) * (linear(CHUNK_FRAMES) + attention(CHUNK_FRAMES, CHUNK_FRAMES * (j + 1))) for j in range(chunks)
+        (steps + (j + 1 < chunks)) * (linear(CHUNK_FRAMES) + attention(CHUNK_FRAMES, CHUNK_FRAMES * (j + 1)))
+        for j in range(chunks)
     )
     recompute = sum(
         steps
@@ -254,7 +258,7 @@ def main() -> None:
                 "recompute": summarize(recompute),
                 "speedup": speedup,
                 "model_passes": {
-                    "cached": (num_frames // CHUNK_FRAMES) * (len(timesteps) + 1),
+                    "cached": (num_frames // CHUNK_FRAMES) * (len(timesteps) + 1) - 1,
                     "recompute": (num_frames // CHUNK_FRAMES) * len(timesteps),
                 },
                 "frames_processed": {

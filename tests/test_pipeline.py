@@ -231,3 +231,28 @@ def test_absolute_rope_past_the_table_names_relative_mode():
     relative = small.stream("a red circle", window_frames=6, rope="relative", output_type="latent", **SIZE)
     for _ in range(6):
         next(relative)
+
+
+def test_context_pass_skipped_only_after_the_last_chunk(pipe, monkeypatch):
+    """A finite video writes the cache after every chunk but the last (nothing reads it); an endless stream writes it
+    after every chunk. The frames are those of a run that does write the last chunk (checked against the no-cache
+    recomputation elsewhere); here the pass count."""
+    writes = []
+    forward = type(pipe.transformer).forward
+
+    def counting(self, *args, **kwargs):
+        writes.append(bool(kwargs.get("update_cache", False)))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.transformer), "forward", counting)
+    latent_frames = (21 - 1) // 4 + 1
+    chunks = -(-latent_frames // pipe.transformer.config.num_frames_per_chunk)
+    pipe("a red circle", num_frames=21, generator=gen(), output_type="latent", **SIZE)
+    assert sum(writes) == chunks - 1 and len(writes) == chunks * len(SIGMAS) + chunks - 1
+
+    writes.clear()
+    stream = pipe.stream("a red circle", num_frames=None, window_frames=12, generator=gen(), output_type="latent",
+                         **SIZE)
+    for _ in zip(range(3), stream):
+        pass
+    assert sum(writes) == 3

@@ -6,7 +6,7 @@ The algorithm (METHOD.md §1–§2), per chunk of ``num_frames_per_chunk`` laten
 2. for every step of the consistency schedule, predict ``x̂0`` with the transformer attending to the KV cache, and
    step to the next sigma with fresh noise (the last step returns ``x̂0``);
 3. run the finished chunk once more at the context-noise timestep with ``update_cache=True`` (the only pass that
-   writes the cache);
+   writes the cache; skipped for the last chunk of a finite video, which nothing reads);
 4. decode the chunk with the streaming VAE decoder (its causal-convolution cache persists between chunks).
 
 ``__call__`` returns a whole video; :meth:`CausalVideoPipeline.stream` yields decoded chunks as they are made, for a
@@ -500,13 +500,15 @@ class CausalVideoPipeline(DiffusionPipeline):
                 progress.update()
             clean = x
 
-            # Context pass: the only pass that writes the cache.
-            context = clean
-            if context_noise > 0:
-                sigma = context_noise / self.scheduler.config.num_train_timesteps
-                noise = randn_tensor(shape, generator=state.generator, device=device, dtype=dtype)
-                context = (1 - sigma) * clean + sigma * noise
-            self._predict(state, context, context_noise, 1.0, state.frame, attention_kwargs, update_cache=True)
+            # Context pass: the only pass that writes the cache. The last chunk of a finite video has no reader.
+            last = state.total_latent_frames is not None and state.frame + frames >= state.total_latent_frames
+            if not last:
+                context = clean
+                if context_noise > 0:
+                    sigma = context_noise / self.scheduler.config.num_train_timesteps
+                    noise = randn_tensor(shape, generator=state.generator, device=device, dtype=dtype)
+                    context = (1 - sigma) * clean + sigma * noise
+                self._predict(state, context, context_noise, 1.0, state.frame, attention_kwargs, update_cache=True)
 
             for i in range(frames):
                 state.clean[state.frame + i] = clean[:, :, i : i + 1]

@@ -83,7 +83,7 @@ def main() -> None:
     results = []
     for num_frames in (train_frames, long_frames):
         runs = []
-        for p, prompt in enumerate(prompts):
+        for prompt in prompts:
             for r in range(args.repeats):
                 runs.append({"prompt": prompt, "seed": r, **run_stream(pipe, prompt, num_frames, seed=r)})
         entry = {

@@ -84,3 +84,29 @@ def test_shapes_vae_recipe(tmp_path):
     assert [point["step"] for point in on_disk["eval_curve"]] == [0, 2]
     for key in ("config", "command", "final_psnr", "initial_psnr", "train_wall_seconds", "train_curve"):
         assert key in on_disk, key
+
+
+def test_shapes_bundle_ships_a_loadable_half_size_pipeline(tmp_path):
+    """The bundling step stores the transformer in float16, records the training size as the default, and the
+    bundled folder loads as float32 and reproduces the source pipeline's video up to the float16 weight rounding."""
+    import torch
+
+    from diffusers_raven import CausalVideoPipeline
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    random_tiny_pipeline().save_pretrained(tmp_path / "src")
+    result = load_recipe("shapes_bundle").main(
+        ["--pipeline", str(tmp_path / "src"), "--output", str(tmp_path / "bundled"), "--height", "32", "--width", "32"]
+    )
+    pipe = CausalVideoPipeline.from_pretrained(tmp_path / "bundled")
+    assert (pipe.default_height, pipe.default_width) == (32, 32)
+    assert next(pipe.transformer.parameters()).dtype == torch.float32
+    stored = json.loads((tmp_path / "bundled" / "transformer" / "config.json").read_text())
+    assert stored.get("_diffusers_version") and (tmp_path / "bundled" / "README.md").exists()
+    src_bytes = sum(f.stat().st_size for f in (tmp_path / "src" / "transformer").iterdir())
+    new_bytes = sum(f.stat().st_size for f in (tmp_path / "bundled" / "transformer").iterdir())
+    assert new_bytes < 0.6 * src_bytes
+    assert 0 < result["max_abs_frame_diff_vs_source"] < 1e-2
+    with pytest.raises(SystemExit, match="--pipeline"):
+        load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "missing")])

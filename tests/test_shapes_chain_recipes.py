@@ -1,29 +1,11 @@
 """The ShapesWorld teacher and student recipes (trainers/shapes_teacher.py, trainers/shapes_student.py) run end to
 end on tiny configs, with a tiny text stack and VAE built here, and save loadable models and complete metrics."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
-import yaml
 
-TRAINERS = os.path.join(os.path.dirname(__file__), os.pardir, "trainers")
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TRAINERS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_config(path, **values) -> str:
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f)
-    return str(path)
+from recipe_utils import load_recipe, write_config
 
 
 @pytest.fixture(autouse=True)

@@ -2,33 +2,19 @@
 random student and teacher, saves loadable pipelines, complete metrics, a table and a plot, resumes a killed run,
 and rejects bad configs before training."""
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 
 import pytest
-import yaml
+
+from recipe_utils import load_recipe, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TRAINERS = os.path.join(os.path.dirname(__file__), os.pardir, "trainers")
 MODES = ["raven", "self_forcing", "diffusion_forcing"]
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TRAINERS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_config(path, **values) -> str:
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f)
-    return str(path)
 
 
 @pytest.fixture(autouse=True)

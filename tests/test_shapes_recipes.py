@@ -1,28 +1,10 @@
 """The ShapesWorld recipes in trainers/ run end to end on tiny configs and save loadable components."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
-import yaml
 
-TRAINERS = os.path.join(os.path.dirname(__file__), os.pardir, "trainers")
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TRAINERS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_config(path, **values) -> str:
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f)
-    return str(path)
+from recipe_utils import load_recipe, write_config
 
 
 def test_shapes_text_recipe(tmp_path):

@@ -66,8 +66,8 @@ def server(app_module, tmp_path_factory):
         env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
         env.setenv("NO_PROXY", f"{LOOPBACK},localhost")
         env.setenv("no_proxy", f"{LOOPBACK},localhost")
-        # The smallest offered size and one chunk (9 frames) keep the browser test quick on a CPU.
-        demo = app_module.build_demo(default_length="9", default_size="32")
+        # The page's own defaults but the length: the default model at its size, 21 frames (2 chunks, < 1 s on a CPU).
+        demo = app_module.build_demo(default_length="21", default_size="auto")
         port = _free_port()
         demo.launch(
             server_name=LOOPBACK, server_port=port, prevent_thread_lock=True, quiet=True, **app_module.launch_kwargs()

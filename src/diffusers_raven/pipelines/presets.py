@@ -76,7 +76,7 @@ class ResolvedModel:
             suffix = " (no bundled model found)" if self.fallback else ""
             return f"randomly initialised tiny pipeline{suffix}"
         if self.kind == "bundled":
-            return f"bundled ShapesWorld model ({self.location})"
+            return "bundled ShapesWorld model (diffusers_raven/assets/shapesworld)"
         if self.kind == "local":
             return f"local folder {self.location}"
         return f"Hub repository {self.location}"

@@ -66,8 +66,6 @@ def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
     return 2 ** len(vae.config.temperal_downsample) * (vae.config.patch_size or 1)
 
 
-_temporal_factor = vae_temporal_factor
-
 
 def frames_for_latents(num_latent_frames: int, already_decoded: int = 0, temporal_factor: int = 4) -> int:
     """Pixel frames emitted when decoding ``num_latent_frames`` after ``already_decoded`` latent frames.
@@ -118,7 +116,7 @@ class StreamingVAEDecoder:
         self.vae = vae
         self.clamp = clamp
         self.num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-        self.temporal_factor = _temporal_factor(vae)
+        self.temporal_factor = vae_temporal_factor(vae)
         patch_size = vae.config.patch_size
         if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
             raise NotImplementedError(f"Unsupported vae.config.patch_size={patch_size!r}; expected an int >= 1.")

@@ -72,6 +72,12 @@ WHOLE_AREA_TOLERANCE = 0.015
 PSNR_MAX = 50.0
 #: Below this speed (px/frame at 64 px) an object is static and has no direction.
 STATIC_SPEED = 0.25
+#: Walls are where a box centre of the track's median detected size would turn; a bounce is also accepted this far
+#: (px at 64 px) from them, since a blurred or distorted object's size (hence its wall) is misjudged by a pixel or two.
+WALL_TOLERANCE = 2.5
+#: A bounce off such a tolerated wall is taken only when it fits the previous velocity this much better (px/frame at
+#: 64 px) than the other explanations of the step.
+BOUNCE_MARGIN = 0.5
 #: Physics tolerance: consecutive unfolded velocities agree within ``PHYSICS_ABS_TOL * scale + PHYSICS_REL_TOL * |v|``.
 PHYSICS_ABS_TOL = 0.5
 PHYSICS_REL_TOL = 0.25
@@ -94,7 +100,7 @@ _BG_RGB = np.asarray([BACKGROUNDS[b] for b in _BG_NAMES], dtype=np.float32) / 25
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "semantic_accuracy": "fraction of caption attributes matched (background, object count, per object: colour, "
-    "shape, direction, speed class)",
+    "shape, direction, speed class of the most persistent objects, as many as the caption names)",
     "background_accuracy": "1 if the detected background has the caption's colour",
     "count_accuracy": "1 if the number of persistent objects equals the caption's",
     "color_accuracy": "fraction of caption objects whose matched object has the caption's colour",
@@ -475,7 +481,15 @@ class _Motion:
     unfolded: np.ndarray  # [S, 2] unfolded velocity (px/frame), initial orientation of the track
 
 
-def _unfold_axis(pos: np.ndarray, gaps: np.ndarray, lo: float, hi: float, ref_speed: float) -> np.ndarray:
+def _unfold_axis(
+    pos: np.ndarray,
+    gaps: np.ndarray,
+    lo: float,
+    hi: float,
+    ref_speed: float,
+    tolerance: float = 0.0,
+    margin: float = 0.0,
+) -> np.ndarray:
     """Unfolded velocity of each step along one axis with walls at ``lo``/``hi`` (the box centre's range).
 
     Reflecting the line at the walls maps a bouncing path to a straight one: the end ``p1`` of a step of ``g``
@@ -484,6 +498,13 @@ def _unfold_axis(pos: np.ndarray, gaps: np.ndarray, lo: float, hi: float, ref_sp
     step takes the explanation whose speed is closest to ``ref_speed``; later ones the explanation whose unfolded
     velocity is closest to the previous step's (continuity), ties going to fewer reflections. An odd number of
     reflections flips the sign that maps world velocity to unfolded velocity.
+
+    ``tolerance`` (px) allows for walls estimated from a misjudged size (a blurred or distorted object): after the
+    first step, a single bounce may also have happened at any wall position ``W`` within ``tolerance`` of ``hi`` (or
+    ``lo``) and beyond both ends of the step (a box centre never passes its wall); the ``W`` whose velocity
+    ``(2W - p0 - p1) / g`` is closest to the previous one is the candidate, and its cost carries ``margin``
+    (px/frame), so it wins only over explanations that clearly break continuity. With exact walls (a rendered video)
+    the exact explanation costs nothing and is kept.
     """
     length = max(hi - lo, 1e-6)
     unfolded = np.zeros(len(gaps))
@@ -496,10 +517,25 @@ def _unfold_axis(pos: np.ndarray, gaps: np.ndarray, lo: float, hi: float, ref_sp
         for n in range(-n_max, n_max + 1):
             options.append(((p1 + 2 * n * length - p0) / g, 2 * abs(n)))
             options.append(((2 * hi - p1 + 2 * n * length - p0) / g, 2 * abs(n) + 1 if n >= 0 else 2 * abs(n) - 1))
+        tolerant = []  # bounces off a wall within tolerance (after the first step: they need a previous velocity)
+        target = parity * unfolded[s - 1] if s else 0.0
+        if tolerance > 0 and s > 0:
+            far, near = max(p0, p1), min(p0, p1)
+            brackets = [  # (lowest, highest) wall position of one bounce off hi, then off lo
+                (max(hi - tolerance, far), max(hi, far) + tolerance),
+                (min(lo, near) - tolerance, min(lo + tolerance, near)),
+            ]
+            for w_min, w_max in brackets:
+                if w_min > w_max:
+                    continue
+                v_a, v_b = sorted(((2 * w_min - p0 - p1) / g, (2 * w_max - p0 - p1) / g))
+                tolerant.append((float(np.clip(target, v_a, v_b)), 1))
         if s == 0:
             cost = [abs(abs(w) - ref_speed) for w, _ in options]
         else:
             cost = [abs(parity * w - unfolded[s - 1]) for w, _ in options]
+            cost += [abs(w - target) + margin for w, _ in tolerant]
+            options += tolerant
         best = min(range(len(options)), key=lambda i: (round(cost[i], 9), options[i][1]))
         velocity, reflections = options[best]
         unfolded[s] = parity * velocity
@@ -519,8 +555,13 @@ def _motion(track: _Track, height: int, width: int) -> _Motion:
     times = np.asarray(valid)
     gaps = np.diff(times)
     ref_speed = np.median(np.abs(np.diff(pos, axis=0)) / gaps[:, None], axis=0)  # reflections are a minority
+    scale = resolution_scale(height, width)
+    tolerance, margin = WALL_TOLERANCE * scale, BOUNCE_MARGIN * scale
     unfolded = np.stack(
-        [_unfold_axis(pos[:, a], gaps, size, extent - size, ref_speed[a]) for a, extent in enumerate((width, height))],
+        [
+            _unfold_axis(pos[:, a], gaps, size, extent - size, ref_speed[a], tolerance, margin)
+            for a, extent in enumerate((width, height))
+        ],
         axis=1,
     )
     return _Motion(size, times[1:], gaps, unfolded)
@@ -688,9 +729,12 @@ def _window_metrics(
     if target is None:
         return out
 
-    # assignment of persistent objects to caption objects maximising the matched attributes
+    # assignment of persistent objects to caption objects maximising the matched attributes. Only the most
+    # persistent objects are candidates, as many as the caption names (longest present, then largest): otherwise a
+    # video of many random blobs would find the caption's colours and shapes somewhere among them
     wanted = target["objects"]
-    slots = persistent + [None] * len(wanted)
+    candidates = sorted(persistent, key=lambda i: (-i["frames"], -i["size"]))[: len(wanted)]
+    slots = candidates + [None] * len(wanted)
     best, best_key = None, None
     for perm in itertools.permutations(range(len(slots)), len(wanted)):
         scores = [

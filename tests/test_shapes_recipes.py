@@ -68,6 +68,56 @@ def test_shapes_vae_recipe(tmp_path):
         assert key in on_disk, key
 
 
+@pytest.mark.parametrize("decoder_base_dim", [None, 12])
+def test_shapes_vae_decoder_fine_tuning_keeps_the_latent_space(tmp_path, decoder_base_dim):
+    """``train_encoder: false`` trains only the decoder of ``init_from``: the encoder, quant_conv and latent
+    statistics stay bit-identical (so later stages' latents stay valid); a wider ``decoder_base_dim`` gets a new
+    decoder of that width under the same encoder."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_raven.utils.tiny import tiny_vae
+
+    torch.manual_seed(0)
+    source = tiny_vae(z_dim=4, base_dim=8)
+    source.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 0.6, 0.7, 0.8])
+    source.save_pretrained(tmp_path / "init")
+    config = write_config(
+        tmp_path / "decoder.yaml",
+        init_from=str(tmp_path / "init"),
+        train_encoder=False,
+        decoder_base_dim=decoder_base_dim,
+        num_frames=5,
+        batch_size=1,
+        crop_size=32,
+        max_steps=2,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        eval_num_clips=1,
+        eval_num_frames=5,
+        stats_num_clips=1,
+    )
+    results = load_recipe("shapes_vae").main(["--config", config, "--output_dir", str(tmp_path / "out")])
+    tuned = AutoencoderKLWan.from_pretrained(tmp_path / "out" / "vae")
+    before, after = source.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert list(tuned.config.latents_mean) == [0.1, -0.2, 0.3, 0.0]
+    assert list(tuned.config.latents_std) == [0.5, 0.6, 0.7, 0.8]
+    decoder = [k for k in after if k.startswith("decoder.")]
+    if decoder_base_dim is None:  # the loaded decoder went on training
+        assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    else:
+        assert tuned.config.decoder_base_dim == 12
+        assert any(before.get(k) is None or before[k].shape != after[k].shape for k in decoder)
+    assert results["num_trained_parameters"] == sum(after[k].numel() for k in after if not k.startswith(
+        ("encoder.", "quant_conv.")))
+    with pytest.raises(ValueError, match="train_encoder=False needs init_from"):
+        load_recipe("shapes_vae").ShapesVAEConfig(train_encoder=False)
+    with pytest.raises(ValueError, match="init_from"):
+        load_recipe("shapes_vae").ShapesVAEConfig(init_from=str(tmp_path / "missing"))
+
+
 def test_shapes_bundle_ships_a_loadable_half_size_pipeline(tmp_path):
     """The bundling step stores the transformer in float16, records the training size as the default, and the
     bundled folder loads as float32 and reproduces the source pipeline's video up to the float16 weight rounding."""
@@ -92,3 +142,30 @@ def test_shapes_bundle_ships_a_loadable_half_size_pipeline(tmp_path):
     assert 0 < result["max_abs_frame_diff_vs_source"] < 1e-2
     with pytest.raises(SystemExit, match="--pipeline"):
         load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "missing")])
+
+
+def test_shapes_bundle_ships_a_fine_tuned_decoder_only_with_the_same_encoder(tmp_path):
+    import torch
+
+    from diffusers_raven import CausalVideoPipeline
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "src")
+    vae = pipe.vae
+    with torch.no_grad():  # a "fine-tuned" decoder: same encoder, other decoder weights
+        vae.decoder.conv_out.weight.mul_(0.5)
+    vae.save_pretrained(tmp_path / "decoder")
+    load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "src"), "--output", str(tmp_path / "bundled"),
+                                       "--vae", str(tmp_path / "decoder"), "--height", "32", "--width", "32"])
+    shipped = CausalVideoPipeline.from_pretrained(tmp_path / "bundled").vae
+    assert torch.equal(shipped.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    with torch.no_grad():  # another encoder: another latent space, refused
+        vae.encoder.conv_in.weight.add_(1.0)
+    vae.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="--vae .*encoder differs"):
+        load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "src"), "--output", str(tmp_path / "b2"),
+                                           "--vae", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="--vae"):
+        load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "src"), "--vae", str(tmp_path / "none")])

@@ -2,6 +2,7 @@
 
     python trainers/shapes_bundle.py --pipeline out/shapes/student
     python trainers/shapes_bundle.py --pipeline out/shapes/distill_raven --dtype float32
+    python trainers/shapes_bundle.py --pipeline out/shapes/student --vae out/shapes_decoder/vae
 
 Loads the ``CausalVideoPipeline`` folder given by ``--pipeline``, records the video size it was trained at
 (``sample_height``/``sample_width`` in ``model_index.json``, the defaults of ``__call__``/``stream``), stores the
@@ -10,6 +11,10 @@ as float32, so users compute in float32 with float16-rounded weights) and writes
 ``diffusers_raven/assets/shapesworld`` (``BUNDLED_MODEL_DIR``), replacing what was there, with a model card. It then
 loads the bundled folder back with ``CausalVideoPipeline.from_pretrained`` and checks that a short video from it
 matches the source pipeline's (same seed; the float16 rounding of the weights is the only difference).
+
+``--vae`` ships another VAE with the pipeline: one whose decoder was fine-tuned on the pipeline VAE's frozen encoder
+(``trainers/shapes_vae_decoder.yaml``). Its latent space must be the pipeline's: the same ``z_dim``, compression
+factors, ``latents_mean``/``latents_std`` and encoder weights, or the bundling stops with an error naming ``--vae``.
 
 Evaluate the result with ``diffusers-raven eval`` (the default model is the bundled one).
 """
@@ -55,6 +60,23 @@ Transformer weights stored in {dtype}; they load as float32.
 """
 
 
+def same_latent_space_vae(current, path: str):
+    """The VAE saved in ``path``, checked to encode into the latent space of ``current``."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(path)
+    for key in ("z_dim", "scale_factor_spatial", "scale_factor_temporal", "patch_size", "latents_mean", "latents_std"):
+        if vae.config[key] != current.config[key]:
+            raise SystemExit(f"--vae {path!r}: {key} is {vae.config[key]}, the pipeline's VAE has "
+                             f"{current.config[key]}; only a VAE with the same encoder and latent space can be shipped")
+    mine, theirs = vae.state_dict(), current.state_dict()
+    encoder = [k for k in theirs if k.startswith(("encoder.", "quant_conv."))]
+    if any(k not in mine or not torch.equal(mine[k], theirs[k]) for k in encoder):
+        raise SystemExit(f"--vae {path!r}: its encoder differs from the pipeline VAE's (train it with "
+                         "train_encoder: false from that VAE)")
+    return vae
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="CausalVideoPipeline folder to ship")
@@ -63,13 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype of the transformer")
     parser.add_argument("--source-note", default="initialised from the teacher by ODE regression",
                         help="how the shipped transformer was made, for the model card")
+    parser.add_argument("--vae", default=None,
+                        help="AutoencoderKLWan folder to ship instead of the pipeline's (same encoder, new decoder)")
     parser.add_argument("--output", default=str(BUNDLED_MODEL_DIR), help="destination (default: the package assets)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.pipeline):
         raise SystemExit(f"--pipeline {args.pipeline!r} is not a folder")
+    if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
+        raise SystemExit(f"--vae {args.vae!r} is not a saved AutoencoderKLWan folder")
 
     pipe = CausalVideoPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
+    if args.vae is not None:
+        pipe.vae = same_latent_space_vae(pipe.vae, args.vae)
     pipe.register_to_config(sample_height=args.height, sample_width=args.width)
     with tempfile.TemporaryDirectory() as tmp:
         staged = os.path.join(tmp, "shapesworld")
@@ -96,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(args.output) for name in names)
     result = {
         "source": args.pipeline,
+        "vae": args.vae or os.path.join(args.pipeline, "vae"),
         "output": args.output,
         "dtype": args.dtype,
         "bytes": size,

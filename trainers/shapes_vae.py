@@ -18,6 +18,13 @@ seeds), full resolution, encoded to the posterior mode and decoded with ``vae.de
 Before saving, ``latents_mean``/``latents_std`` in the VAE config are set to the per-channel mean/std of the latents
 (posterior mode) of ``stats_num_clips`` training clips, so ``normalize_latents`` gives ~unit-variance latents.
 
+Decoder fine-tuning (``init_from`` a trained VAE folder, ``train_encoder: false``): the encoder and ``quant_conv``
+are frozen, so the latent space, and with it every later stage trained on it (teacher, student), stays valid; only the
+decoder learns, from the frozen posterior mode, and ``latents_mean``/``latents_std`` are kept from ``init_from``. With
+``decoder_base_dim`` different from the loaded decoder's width, a new decoder of that width starts from random weights
+(Wan 2.2's ``decoder_base_dim``); otherwise the loaded decoder continues training. The model fields (``z_dim``,
+``base_dim``, ``dim_mult``, ``is_residual``, ``patch_size``) are then read from ``init_from``, not from the YAML.
+
 Outputs in ``output_dir``: ``vae/`` (``save_pretrained``), ``vae_metrics.json`` (every printed figure, the config and
 the command) and ``vae_reconstruction.png`` (held-out clips: rows alternate original / reconstruction).
 """
@@ -69,6 +76,15 @@ class ShapesVAEConfig:
     init_logvar: float | None = field(
         default=None, metadata={"help": "initial bias of the posterior log-variance (None: keep the random init)"}
     )
+    decoder_base_dim: int | None = field(
+        default=None, metadata={"help": "channels of the decoder's stages (None: base_dim, or the init_from decoder's)"}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "a trained AutoencoderKLWan folder to start from (its config wins)"}
+    )
+    train_encoder: bool = field(
+        default=True, metadata={"help": "False: freeze encoder + quant_conv (decoder fine-tuning; needs init_from)"}
+    )
     # data
     num_frames: int = field(default=9, metadata={"help": "frames per training clip (1 + 4k)"})
     batch_size: int = field(default=4, metadata={"help": "clips per step"})
@@ -107,6 +123,12 @@ class ShapesVAEConfig:
             raise ValueError(f"dim_mult={self.dim_mult} needs at least 2 entries (one temporal+spatial down-sampling)")
         if self.patch_size is not None and self.patch_size < 1:
             raise ValueError(f"patch_size={self.patch_size} must be None or an int >= 1")
+        if not self.train_encoder and self.init_from is None:
+            raise ValueError("train_encoder=False needs init_from (a trained VAE whose encoder is kept)")
+        if self.init_from is not None and not os.path.isfile(os.path.join(self.init_from, "config.json")):
+            raise ValueError(f"init_from={self.init_from!r} is not a saved AutoencoderKLWan folder (no config.json)")
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"decoder_base_dim={self.decoder_base_dim} must be None or a positive int")
         if self.crop_size % 8 or not 8 <= self.crop_size <= 64:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of 8 in [8, 64]")
 
@@ -131,6 +153,7 @@ def build_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
     torch.manual_seed(config.model_seed)
     vae = AutoencoderKLWan(
         base_dim=config.base_dim,
+        decoder_base_dim=config.decoder_base_dim,
         z_dim=config.z_dim,
         dim_mult=list(config.dim_mult),
         num_res_blocks=1,
@@ -146,6 +169,22 @@ def build_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
         scale_factor_spatial=2**downsamplings * patch,
     )
     return vae
+
+
+def load_initial_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
+    """The ``init_from`` VAE; with a different ``decoder_base_dim``, its encoder and ``quant_conv`` under a new
+    decoder of that width (``model_seed`` initialises it)."""
+    vae = AutoencoderKLWan.from_pretrained(config.init_from)
+    width = vae.config.decoder_base_dim or vae.config.base_dim
+    if config.decoder_base_dim is None or config.decoder_base_dim == width:
+        return vae
+    torch.manual_seed(config.model_seed)
+    widened = AutoencoderKLWan.from_config({**vae.config, "decoder_base_dim": config.decoder_base_dim})
+    kept = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    missing, unexpected = widened.load_state_dict(kept, strict=False)
+    if unexpected or any(k.startswith(("encoder.", "quant_conv.")) for k in missing):
+        raise ValueError(f"the encoder of {config.init_from} does not fit: missing {missing}, unexpected {unexpected}")
+    return widened
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -257,23 +296,28 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     metrics_path = os.path.join(config.output_dir, "vae_metrics.json")
 
-    vae = build_vae(config)
-    if config.init_logvar is not None:
+    vae = load_initial_vae(config) if config.init_from else build_vae(config)
+    if not config.train_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    if config.init_logvar is not None and config.init_from is None:
         # ``quant_conv`` outputs [mean, logvar]: a negative bias starts training from a small posterior std
         with torch.no_grad():
             vae.quant_conv.bias[config.z_dim :] = config.init_logvar
     vae.train()
     num_parameters = sum(p.numel() for p in vae.parameters())
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     crop_generator = torch.Generator().manual_seed(config.train_seed)
     eval_clips = render_clips([config.eval_seed + i for i in range(config.eval_num_clips)], config.eval_num_frames)
-    print(f"vae: {num_parameters:,} parameters; eval on {config.eval_num_clips} held-out clips x "
+    print(f"vae: {num_parameters:,} parameters ({sum(p.numel() for p in trained):,} trained); eval on {config.eval_num_clips} held-out clips x "
           f"{config.eval_num_frames} frames at {eval_clips.shape[-2]}x{eval_clips.shape[-1]}")
 
     results: dict = {
         "config": asdict(config),
         "command": command,
         "num_parameters": num_parameters,
+        "num_trained_parameters": sum(p.numel() for p in trained),
         "eval_curve": [],
         "train_curve": [],
     }
@@ -309,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             seeds = [config.train_seed + step * config.batch_size + i for i in range(config.batch_size)]
             clips = random_crop(render_clips(seeds, config.num_frames), config.crop_size, crop_generator)
-            posterior = vae.encode(clips).latent_dist
+            with torch.set_grad_enabled(config.train_encoder):
+                posterior = vae.encode(clips).latent_dist
             # unclamped decode: ``vae.decode`` clamps to [-1, 1], which zeroes the gradient of saturated pixels
             latents = posterior.sample() if config.sample_posterior else posterior.mode()
             reconstruction = StreamingVAEDecoder(vae, clamp=False).decode(latents)
@@ -318,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss = rec_loss + config.beta_kl * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
             optimizer.step()
             step += 1
 
@@ -342,8 +387,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     final_reconstruction = record_eval(step, train_seconds)
     stats_clips = render_clips([config.train_seed + i for i in range(config.stats_num_clips)], config.eval_num_frames)
-    latents_mean, latents_std = latent_statistics(vae, stats_clips)
-    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    if config.train_encoder:
+        latents_mean, latents_std = latent_statistics(vae, stats_clips)
+        vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    else:  # same encoder, same latent space: keep the statistics the later stages normalise with
+        latents_mean, latents_std = list(vae.config.latents_mean), list(vae.config.latents_std)
     with torch.no_grad():  # check: held-out latents after normalisation should be ~zero-mean, unit-variance
         held_out = torch.cat([vae.encode(clip[None]).latent_dist.mode() for clip in eval_clips])
         normalized = normalize_latents(held_out, vae)

@@ -53,6 +53,7 @@ from transformers import TrainerCallback
 from diffusers_raven.shapes import (
     caption,
     evaluate_pipeline_lengths,
+    evaluator_fingerprint,
     format_metric,
     held_out_captions,
     long_video_frames,
@@ -537,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
         trained[mode] = train_mode(config, mode, prompts, max_sequence_length, cli.resume)
 
     # 2. evaluate the starting student and every mode with the student recipe's protocol
-    eval_settings = {**config.eval_settings(), "max_sequence_length": max_sequence_length}
+    eval_settings = {**config.eval_settings(), "max_sequence_length": max_sequence_length,
+                     "evaluator": evaluator_fingerprint()}
     report: dict = {
         "config": asdict(config),
         "command": command,

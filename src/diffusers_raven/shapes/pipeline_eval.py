@@ -9,8 +9,10 @@ keep :mod:`diffusers_raven.shapes` importable without it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .evaluator import evaluate_batch
@@ -21,6 +23,7 @@ __all__ = [
     "chunk_pixel_frames",
     "evaluate_pipeline",
     "evaluate_pipeline_lengths",
+    "evaluator_fingerprint",
     "format_metric",
     "held_out_captions",
     "long_video_frames",
@@ -33,6 +36,15 @@ SUMMARY_METRICS: tuple[str, ...] = (
 )
 #: The metrics kept per chunk.
 CHUNK_METRICS: tuple[str, ...] = ("semantic_accuracy", "psnr", "physics_accuracy")
+
+
+def evaluator_fingerprint() -> str:
+    """A short hash of the evaluator's and the world's source: stored with a cached evaluation, it makes a changed
+    evaluator re-score instead of reusing figures it would no longer give."""
+    digest = hashlib.sha256()
+    for name in ("evaluator.py", "world.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _print(line: str) -> None:

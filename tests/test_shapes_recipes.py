@@ -169,3 +169,28 @@ def test_shapes_bundle_ships_a_fine_tuned_decoder_only_with_the_same_encoder(tmp
                                            "--vae", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="--vae"):
         load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "src"), "--vae", str(tmp_path / "none")])
+
+
+def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
+    """The chain evaluation scores ground truth perfectly and gives the random tiny pipeline, passed as a pipeline
+    folder, exactly the figures of its own ``random_tiny`` chance row (same captions, seed and sampler)."""
+    import torch
+
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    pipe.transformer.save_pretrained(tmp_path / "teacher")  # a Wan transformer of matching sizes
+    out = tmp_path / "chain.json"
+    report = load_recipe("shapes_eval_chain").main([
+        "--pipeline", f"tiny={tmp_path / 'tiny'}", "--teacher", str(tmp_path / "teacher"), "--videos", "2",
+        "--height", "32", "--width", "32", "--teacher_steps", "4", "--long_factor", "2", "--output", str(out)])
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"ground_truth", "vae_round_trip", "random_tiny", "teacher", "tiny"}
+    assert models["ground_truth"]["semantic_accuracy"] == 1.0
+    for key in ("semantic_accuracy", "psnr", "count_accuracy"):
+        assert models["tiny"][key] == models["random_tiny"][key]
+    assert len(models["tiny"]["long"]["per_chunk"]) == 4 and report["evaluator"]
+    with pytest.raises(SystemExit, match="--pipeline"):
+        load_recipe("shapes_eval_chain").main(["--pipeline", "nofolder", "--output", str(out)])

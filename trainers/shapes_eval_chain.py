@@ -1,0 +1,208 @@
+"""Score every stage of the ShapesWorld model chain with the current evaluator, on the same held-out captions.
+
+    python trainers/shapes_eval_chain.py --teacher out/shapes/teacher \\
+        --pipeline student=out/shapes/student --pipeline bundled=bundled --videos 32 \\
+        --output docs/results/shapes_chain_eval.json
+
+The recipes score their stage while they train, with the evaluator of that day and a few videos; this script puts
+the stages side by side: one set of held-out captions (``sample_scene(eval_seed + i, split="test")``), one seed, one
+evaluator (its source fingerprint is recorded). For each caption it scores
+
+- ``ground_truth``: the rendered scene (the evaluator's ceiling, 1.0 when it is right);
+- ``vae_round_trip``: the same video encoded to the posterior mode and decoded by the first pipeline's VAE (or
+  ``--vae``): the ceiling of any model that generates in that latent space;
+- ``random_tiny``: the randomly initialised tiny pipeline, i.e. the chance level of the metrics;
+- ``teacher`` (``--teacher``): the bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
+  classifier-free guidance ``--guidance_scale``, decoded by the first pipeline's VAE;
+- every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
+  training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift).
+
+Writes ``--output`` (JSON: per model the mean of every metric and, for the pipelines, the per-chunk semantic accuracy
+and PSNR at the long length) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from diffusers_raven import CausalVideoPipeline
+from diffusers_raven.pipelines.presets import BUNDLED_MODEL_DIR, random_tiny_pipeline
+from diffusers_raven.pipelines.vae_streaming import denormalize_latents, vae_spatial_factor
+from diffusers_raven.shapes import (
+    caption,
+    chunk_pixel_frames,
+    evaluate_batch,
+    evaluator_fingerprint,
+    long_video_frames,
+    render_video,
+    sample_scene,
+)
+from diffusers_raven.training.ode import teacher_ode_trajectory
+
+METRICS = ("semantic_accuracy", "background_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy",
+           "direction_accuracy", "speed_accuracy", "physics_accuracy", "psnr", "consistency", "num_objects")
+
+
+def mean_metrics(result: dict) -> dict:
+    return {k: result["mean"].get(k) for k in METRICS}
+
+
+def to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """``[B, 3, F, H, W]`` in [-1, 1] -> float ``[B, F, H, W, 3]`` in [0, 1]."""
+    return ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+
+
+@torch.no_grad()
+def vae_round_trip(vae, videos: list[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for video in videos:
+        x = torch.from_numpy(video).float().div(255).permute(3, 0, 1, 2)[None] * 2 - 1
+        out.append(to_frames(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0])
+    return out
+
+
+@torch.no_grad()
+def sample_teacher(teacher, pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
+                   steps: int, guidance_scale: float, max_sequence_length: int) -> list[np.ndarray]:
+    """Guided Euler sampling of the bidirectional teacher from noise, decoded with ``pipe``'s VAE."""
+    factor = vae_spatial_factor(pipe.vae)
+    shape = (len(captions), teacher.config.in_channels, (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+             height // factor, width // factor)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    text, negative = pipe.encode_prompt(captions, negative_prompt=[""] * len(captions),
+                                        do_classifier_free_guidance=guidance_scale != 1.0,
+                                        max_sequence_length=max_sequence_length)
+    _, x0 = teacher_ode_trajectory(teacher, noise, text, negative, [1.0], guidance_scale, steps, 5.0)
+    return [to_frames(pipe.vae.decode(denormalize_latents(x[None], pipe.vae)).sample)[0] for x in x0]
+
+
+@torch.no_grad()
+def sample_pipeline(pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
+                    max_sequence_length: int) -> list[np.ndarray]:
+    return list(pipe(captions, num_frames=num_frames, height=height, width=width,
+                     generator=torch.Generator().manual_seed(seed), max_sequence_length=max_sequence_length,
+                     output_type="np").frames)
+
+
+def parse_pipelines(values: list[str]) -> dict[str, str]:
+    pipelines = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--pipeline {value!r}: expected name=folder (e.g. student=out/shapes/student)")
+        path = str(BUNDLED_MODEL_DIR) if path == "bundled" else path
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise SystemExit(f"--pipeline {value!r}: {path!r} is not a saved CausalVideoPipeline folder")
+        pipelines[name] = path
+    return pipelines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", action="append", default=[], required=True,
+                        help="name=folder of a CausalVideoPipeline to score ('bundled' for the bundled model); "
+                             "repeatable; the first one's VAE and text encoder also serve the teacher")
+    parser.add_argument("--teacher", default=None, help="bidirectional WanTransformer3DModel folder (optional)")
+    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder for the round trip (default: the "
+                                                    "first pipeline's)")
+    parser.add_argument("--videos", type=int, default=32, help="held-out captions")
+    parser.add_argument("--eval_seed", type=int, default=10**9, help="first held-out scene seed; also the noise seed")
+    parser.add_argument("--num_frames", type=int, default=21, help="training length")
+    parser.add_argument("--long_factor", type=int, default=4, help="long videos: this many times the latent frames")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--teacher_steps", type=int, default=48)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--max_sequence_length", type=int, default=18)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    if args.videos < 1:
+        raise SystemExit(f"--videos must be at least 1, got {args.videos}")
+    pipelines = parse_pipelines(args.pipeline)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    scenes = [sample_scene(args.eval_seed + i, split="test", height=args.height, width=args.width)
+              for i in range(args.videos)]
+    captions = [caption(s) for s in scenes]
+    loaded = {name: CausalVideoPipeline.from_pretrained(path) for name, path in pipelines.items()}
+    for pipe in loaded.values():
+        pipe.set_progress_bar_config(disable=True)
+    first = next(iter(loaded.values()))
+    report: dict = {
+        "command": " ".join(["python", "trainers/shapes_eval_chain.py", *(sys.argv[1:] if argv is None else argv)]),
+        "evaluator": evaluator_fingerprint(),
+        "num_videos": args.videos,
+        "eval_seed": args.eval_seed,
+        "num_frames": args.num_frames,
+        "captions": captions,
+        "pipelines": {name: os.path.relpath(p) if not p.startswith(str(BUNDLED_MODEL_DIR)) else "bundled"
+                      for name, p in pipelines.items()},
+        "models": {},
+    }
+
+    def record(name: str, videos: list[np.ndarray], chunk_frames=None, **extra) -> dict:
+        result = evaluate_batch(videos, captions, chunk_frames=chunk_frames)
+        entry = {**mean_metrics(result), **extra}
+        if chunk_frames is not None:
+            entry["per_chunk"] = [{"chunk": c["chunk"], "semantic_accuracy": c.get("semantic_accuracy"),
+                                   "psnr": c.get("psnr")} for c in result["per_chunk"]]
+        report["models"][name] = entry
+        print(f"{name}: semantic {entry['semantic_accuracy']:.3f} psnr {entry['psnr']:.2f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        return entry
+
+    truth = [render_video(s, args.num_frames) for s in scenes]
+    record("ground_truth", truth)
+    if args.vae:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args.vae).eval()
+    else:
+        vae = first.vae
+    record("vae_round_trip", vae_round_trip(vae, truth))
+    random_pipe = random_tiny_pipeline()
+    random_pipe.set_progress_bar_config(disable=True)
+    record("random_tiny", sample_pipeline(random_pipe, captions, args.num_frames, args.height, args.width,
+                                          args.eval_seed, args.max_sequence_length))
+    if args.teacher:
+        from diffusers import WanTransformer3DModel
+
+        teacher = WanTransformer3DModel.from_pretrained(args.teacher).eval()
+        record("teacher", sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
+                                         args.eval_seed, args.teacher_steps, args.guidance_scale,
+                                         args.max_sequence_length),
+               sampler=f"{args.teacher_steps} Euler steps, CFG {args.guidance_scale}")
+    for name, pipe in loaded.items():
+        long_frames = long_video_frames(pipe, args.num_frames, args.long_factor)
+        record(name, sample_pipeline(pipe, captions, args.num_frames, args.height, args.width, args.eval_seed,
+                                     args.max_sequence_length), sampler="4-step consistency sampler")
+        record(f"{name}@{long_frames}", sample_pipeline(pipe, captions, long_frames, args.height, args.width,
+                                                               args.eval_seed, args.max_sequence_length),
+                      chunk_frames=chunk_pixel_frames(pipe), num_frames=long_frames)
+        report["models"][name]["long"] = report["models"].pop(f"{name}@{long_frames}")
+
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    keys = ("semantic_accuracy", "background_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy",
+            "direction_accuracy", "speed_accuracy", "psnr")
+    print("| model | " + " | ".join(k.replace("_accuracy", "") for k in keys) + " |")
+    for name, entry in report["models"].items():
+        cells = ["n/a" if entry.get(k) is None else f"{entry[k]:.3f}" for k in keys]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"wrote {args.output} in {report['wall_seconds']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

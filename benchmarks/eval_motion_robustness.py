@@ -14,7 +14,6 @@ Writes ``benchmarks/results/eval_motion_robustness.json``; ``docs/shapesworld.md
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import argument_parser, print_table, setup, write_results  # noqa: E402
+from eval_validation import blur  # noqa: E402
 
 from diffusers_raven.pipelines import presets  # noqa: E402
 from diffusers_raven.shapes import caption, evaluate_batch, evaluator, render_video, sample_scene  # noqa: E402
@@ -31,20 +31,6 @@ from diffusers_raven.shapes import caption, evaluate_batch, evaluator, render_vi
 NUM_FRAMES = 21
 KEYS = ("semantic_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy", "direction_accuracy",
         "speed_accuracy", "physics_accuracy", "direction_error")
-
-
-def blur(video: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a uint8 ``[F, H, W, 3]`` video (edges replicated): float in [0, 1]."""
-    v = video.astype(np.float32) / 255.0
-    radius = math.ceil(3 * sigma)
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel /= kernel.sum()
-    for axis in (1, 2):
-        pad = [(0, 0)] * 4
-        pad[axis] = (radius, radius)
-        padded = np.pad(v, pad, mode="edge")
-        v = sum(w * np.take(padded, np.arange(i, i + v.shape[axis]), axis=axis) for i, w in enumerate(kernel))
-    return v.astype(np.float32)
 
 
 def vae_round_trip(vae, video: np.ndarray) -> np.ndarray:

@@ -192,5 +192,7 @@ def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
     for key in ("semantic_accuracy", "psnr", "count_accuracy"):
         assert models["tiny"][key] == models["random_tiny"][key]
     assert len(models["tiny"]["long"]["per_chunk"]) == 4 and report["evaluator"]
+    per_video = models["tiny"]["semantic_accuracy_per_video"]
+    assert len(per_video) == 2 and sum(per_video) / 2 == pytest.approx(models["tiny"]["semantic_accuracy"])
     with pytest.raises(SystemExit, match="--pipeline"):
         load_recipe("shapes_eval_chain").main(["--pipeline", "nofolder", "--output", str(out)])

@@ -17,8 +17,8 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift).
 
-Writes ``--output`` (JSON: per model the mean of every metric and, for the pipelines, the per-chunk semantic accuracy
-and PSNR at the long length) and prints a table.
+Writes ``--output`` (JSON: per model the mean of every metric, the per-video semantic accuracy and its standard
+error, and for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table.
 """
 
 from __future__ import annotations
@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     def record(name: str, videos: list[np.ndarray], chunk_frames=None, **extra) -> dict:
-        result = evaluate_batch(videos, captions, chunk_frames=chunk_frames)
-        entry = {**mean_metrics(result), **extra}
+        result = evaluate_batch(videos, captions, chunk_frames=chunk_frames, return_per_video=True)
+        per_video = [float(v["semantic_accuracy"]) for v in result["per_video"]]
+        entry = {**mean_metrics(result), **extra, "semantic_accuracy_per_video": per_video,
+                 "semantic_accuracy_stderr": float(np.std(per_video, ddof=1) / np.sqrt(len(per_video)))
+                 if len(per_video) > 1 else None}
         if chunk_frames is not None:
             entry["per_chunk"] = [{"chunk": c["chunk"], "semantic_accuracy": c.get("semantic_accuracy"),
                                    "psnr": c.get("psnr")} for c in result["per_chunk"]]

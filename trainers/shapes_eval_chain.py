@@ -1,6 +1,6 @@
 """Score every stage of the ShapesWorld model chain with the current evaluator, on the same held-out captions.
 
-    python trainers/shapes_eval_chain.py --teacher out/shapes/teacher \\
+    python trainers/shapes_eval_chain.py --teacher teacher=out/shapes/teacher \\
         --pipeline student=out/shapes/student --pipeline bundled=bundled --videos 32 \\
         --output docs/results/shapes_chain_eval.json
 
@@ -12,7 +12,7 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 - ``vae_round_trip``: the same video encoded to the posterior mode and decoded by the first pipeline's VAE (or
   ``--vae``): the ceiling of any model that generates in that latent space;
 - ``random_tiny``: the randomly initialised tiny pipeline, i.e. the chance level of the metrics;
-- ``teacher`` (``--teacher``): the bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
+- every ``--teacher name=folder`` (or a bare folder, named ``teacher``): a bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
   classifier-free guidance ``--guidance_scale``, decoded by the first pipeline's VAE;
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift).
@@ -104,12 +104,23 @@ def parse_pipelines(values: list[str]) -> dict[str, str]:
     return pipelines
 
 
+def parse_teachers(values: list[str]) -> dict[str, str]:
+    teachers = {}
+    for value in values:
+        name, sep, path = value.partition("=") if "=" in value else ("teacher", "=", value)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"--teacher {value!r}: {path!r} is not a saved WanTransformer3DModel folder")
+        teachers[name] = path
+    return teachers
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="append", default=[], required=True,
                         help="name=folder of a CausalVideoPipeline to score ('bundled' for the bundled model); "
                              "repeatable; the first one's VAE and text encoder also serve the teacher")
-    parser.add_argument("--teacher", default=None, help="bidirectional WanTransformer3DModel folder (optional)")
+    parser.add_argument("--teacher", action="append", default=[],
+                        help="name=folder (or a folder) of a bidirectional WanTransformer3DModel; repeatable")
     parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder for the round trip (default: the "
                                                     "first pipeline's)")
     parser.add_argument("--videos", type=int, default=32, help="held-out captions")
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.videos < 1:
         raise SystemExit(f"--videos must be at least 1, got {args.videos}")
     pipelines = parse_pipelines(args.pipeline)
+    teachers = parse_teachers(args.teacher)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -144,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_seed": args.eval_seed,
         "num_frames": args.num_frames,
         "captions": captions,
+        "teachers": {name: os.path.relpath(p) for name, p in teachers.items()},
         "pipelines": {name: os.path.relpath(p) if not p.startswith(str(BUNDLED_MODEL_DIR)) else "bundled"
                       for name, p in pipelines.items()},
         "models": {},
@@ -176,13 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
     random_pipe.set_progress_bar_config(disable=True)
     record("random_tiny", sample_pipeline(random_pipe, captions, args.num_frames, args.height, args.width,
                                           args.eval_seed, args.max_sequence_length))
-    if args.teacher:
+    for name, path in teachers.items():
         from diffusers import WanTransformer3DModel
 
-        teacher = WanTransformer3DModel.from_pretrained(args.teacher).eval()
-        record("teacher", sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
-                                         args.eval_seed, args.teacher_steps, args.guidance_scale,
-                                         args.max_sequence_length),
+        teacher = WanTransformer3DModel.from_pretrained(path).eval()
+        record(name, sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
+                                    args.eval_seed, args.teacher_steps, args.guidance_scale, args.max_sequence_length),
                sampler=f"{args.teacher_steps} Euler steps, CFG {args.guidance_scale}")
     for name, pipe in loaded.items():
         long_frames = long_video_frames(pipe, args.num_frames, args.long_factor)

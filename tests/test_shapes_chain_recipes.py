@@ -80,6 +80,7 @@ def test_teacher_then_student(tmp_path, inputs):
     metrics = json.loads((out / "student_metrics.json").read_text())
     assert metrics["finished"] and metrics["steps"] == 2 and metrics["ode_pairs"] == 2
     assert metrics["eval_chunk_frames"] == [9, 12] and metrics["long_num_frames"] == 21
+    assert metrics["few_step_sigmas"] == pytest.approx([1.0, 0.9375, 5 / 6, 0.625])  # METHOD §1
     assert [e["step"] for e in metrics["loss_curve"]] == [1, 2]
     for key in ("config", "command", "eval_teacher", "eval_after", "train_wall_seconds", "seconds_per_step"):
         assert key in metrics, key

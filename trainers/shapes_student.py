@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "long_num_frames": long_frames,
         "eval_chunk_frames": chunk_pixel_frames(pipe),
         "eval_captions": eval_captions,
-        "few_step_sigmas": ConsistencyFlowMatchScheduler().schedule_sigmas,
+        "few_step_sigmas": ConsistencyFlowMatchScheduler().default_sigmas(),
     }
 
     def save_metrics(finished: bool) -> None:

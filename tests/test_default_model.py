@@ -56,10 +56,11 @@ def test_bundled_model_beats_a_random_model_on_held_out_captions(bundled):
     captions = held_out_captions(NUM_VIDEOS, seed=10**9, height=64, width=64)
     trained = _scores(bundled, captions, 64, 64)
     random = _scores(presets.random_tiny_pipeline(), captions, 64, 64)
-    # Semantic accuracy is not compared: a random video's attributes match a caption's at chance (1/3 for a shape,
-    # 1/2 for a speed class, ...), and on these 6 captions the bundled model (0.354) is not clear of the random
-    # pipeline (0.317). The background colour and the fidelity to a re-render of the detected scene do tell them
-    # apart (measured: background 0.833 vs 0.167, PSNR 21.3 vs 16.5 dB).
+    # A random video matches a caption's attributes at chance (1/3 for a shape, 1/2 for a speed class, ...): the
+    # random pipeline scores 0.296 on these 6 captions, the bundled model 0.413 (measured). Its background colour and
+    # fidelity to a re-render of the detected scene set them further apart (background 1.0 vs 0.167, PSNR 21.0 vs
+    # 16.5 dB).
+    assert trained["semantic_accuracy"] >= random["semantic_accuracy"] + 0.05, (trained, random)
     assert trained["background_accuracy"] >= max(0.6, random["background_accuracy"] + 0.4), (trained, random)
     assert trained["psnr"] >= random["psnr"] + 2.0, (trained, random)
 

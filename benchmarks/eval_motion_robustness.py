@@ -18,25 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import argument_parser, print_table, setup, write_results  # noqa: E402
 from eval_validation import blur  # noqa: E402
 
 from diffusers_raven.pipelines import presets  # noqa: E402
-from diffusers_raven.shapes import caption, evaluate_batch, evaluator, render_video, sample_scene  # noqa: E402
+from diffusers_raven.shapes import (  # noqa: E402
+    caption,
+    evaluate_batch,
+    evaluator,
+    render_video,
+    sample_scene,
+    vae_round_trip,
+)
 
 NUM_FRAMES = 21
 KEYS = ("semantic_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy", "direction_accuracy",
         "speed_accuracy", "physics_accuracy", "direction_error")
-
-
-def vae_round_trip(vae, video: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(video).float().div(255).permute(3, 0, 1, 2)[None] * 2 - 1
-    y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    return ((y[0].permute(1, 2, 3, 0) + 1) / 2).numpy()
 
 
 def main() -> None:
@@ -54,7 +52,7 @@ def main() -> None:
     settings = {"rendered": truth}
     for sigma in (1.0, 1.5, 2.0):
         settings[f"blur {sigma:g} px"] = [blur(v, sigma) for v in truth]
-    settings["VAE round trip"] = [vae_round_trip(vae, v) for v in truth]
+    settings["VAE round trip"] = vae_round_trip(vae, truth)
 
     default_tolerance = evaluator.WALL_TOLERANCE
     results, rows = {}, []

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from diffusers_raven import CausalVideoPipeline
 from diffusers_raven.pipelines.presets import BUNDLED_MODEL_DIR, random_tiny_pipeline
@@ -43,6 +44,8 @@ from diffusers_raven.shapes import (
     long_video_frames,
     render_video,
     sample_scene,
+    sample_videos,
+    vae_round_trip,
 )
 from diffusers_raven.training.ode import teacher_ode_trajectory
 
@@ -60,15 +63,6 @@ def to_frames(pixels: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def vae_round_trip(vae, videos: list[np.ndarray]) -> list[np.ndarray]:
-    out = []
-    for video in videos:
-        x = torch.from_numpy(video).float().div(255).permute(3, 0, 1, 2)[None] * 2 - 1
-        out.append(to_frames(vae.decode(vae.encode(x).latent_dist.mode()).sample)[0])
-    return out
-
-
-@torch.no_grad()
 def sample_teacher(teacher, pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
                    steps: int, guidance_scale: float, max_sequence_length: int) -> list[np.ndarray]:
     """Guided Euler sampling of the bidirectional teacher from noise, decoded with ``pipe``'s VAE."""
@@ -81,14 +75,6 @@ def sample_teacher(teacher, pipe, captions: list[str], num_frames: int, height: 
                                         max_sequence_length=max_sequence_length)
     _, x0 = teacher_ode_trajectory(teacher, noise, text, negative, [1.0], guidance_scale, steps, 5.0)
     return [to_frames(pipe.vae.decode(denormalize_latents(x[None], pipe.vae)).sample)[0] for x in x0]
-
-
-@torch.no_grad()
-def sample_pipeline(pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
-                    max_sequence_length: int) -> list[np.ndarray]:
-    return list(pipe(captions, num_frames=num_frames, height=height, width=width,
-                     generator=torch.Generator().manual_seed(seed), max_sequence_length=max_sequence_length,
-                     output_type="np").frames)
 
 
 def parse_pipelines(values: list[str]) -> dict[str, str]:
@@ -178,29 +164,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     truth = [render_video(s, args.num_frames) for s in scenes]
     record("ground_truth", truth)
-    if args.vae:
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(args.vae).eval()
-    else:
-        vae = first.vae
+    vae = AutoencoderKLWan.from_pretrained(args.vae).eval() if args.vae else first.vae
     record("vae_round_trip", vae_round_trip(vae, truth))
     random_pipe = random_tiny_pipeline()
     random_pipe.set_progress_bar_config(disable=True)
-    record("random_tiny", sample_pipeline(random_pipe, captions, args.num_frames, args.height, args.width,
+    record("random_tiny", sample_videos(random_pipe, captions, args.num_frames, args.height, args.width,
                                           args.eval_seed, args.max_sequence_length))
     for name, path in teachers.items():
-        from diffusers import WanTransformer3DModel
-
         teacher = WanTransformer3DModel.from_pretrained(path).eval()
         record(name, sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
                                     args.eval_seed, args.teacher_steps, args.guidance_scale, args.max_sequence_length),
                sampler=f"{args.teacher_steps} Euler steps, CFG {args.guidance_scale}")
     for name, pipe in loaded.items():
         long_frames = long_video_frames(pipe, args.num_frames, args.long_factor)
-        record(name, sample_pipeline(pipe, captions, args.num_frames, args.height, args.width, args.eval_seed,
+        record(name, sample_videos(pipe, captions, args.num_frames, args.height, args.width, args.eval_seed,
                                      args.max_sequence_length), sampler="4-step consistency sampler")
-        record(f"{name}@{long_frames}", sample_pipeline(pipe, captions, long_frames, args.height, args.width,
+        record(f"{name}@{long_frames}", sample_videos(pipe, captions, long_frames, args.height, args.width,
                                                                args.eval_seed, args.max_sequence_length),
                       chunk_frames=chunk_pixel_frames(pipe), num_frames=long_frames)
         report["models"][name]["long"] = report["models"].pop(f"{name}@{long_frames}")

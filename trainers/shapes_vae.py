@@ -307,17 +307,18 @@ def main(argv: list[str] | None = None) -> dict:
     vae.train()
     num_parameters = sum(p.numel() for p in vae.parameters())
     trained = [p for p in vae.parameters() if p.requires_grad]
+    num_trained = sum(p.numel() for p in trained)
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     crop_generator = torch.Generator().manual_seed(config.train_seed)
     eval_clips = render_clips([config.eval_seed + i for i in range(config.eval_num_clips)], config.eval_num_frames)
-    print(f"vae: {num_parameters:,} parameters ({sum(p.numel() for p in trained):,} trained); eval on {config.eval_num_clips} held-out clips x "
-          f"{config.eval_num_frames} frames at {eval_clips.shape[-2]}x{eval_clips.shape[-1]}")
+    print(f"vae: {num_parameters:,} parameters ({num_trained:,} trained); eval on {config.eval_num_clips} held-out "
+          f"clips x {config.eval_num_frames} frames at {eval_clips.shape[-2]}x{eval_clips.shape[-1]}")
 
     results: dict = {
         "config": asdict(config),
         "command": command,
         "num_parameters": num_parameters,
-        "num_trained_parameters": sum(p.numel() for p in trained),
+        "num_trained_parameters": num_trained,
         "eval_curve": [],
         "train_curve": [],
     }
@@ -386,8 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - start
 
     final_reconstruction = record_eval(step, train_seconds)
-    stats_clips = render_clips([config.train_seed + i for i in range(config.stats_num_clips)], config.eval_num_frames)
     if config.train_encoder:
+        stats_clips = render_clips([config.train_seed + i for i in range(config.stats_num_clips)],
+                                   config.eval_num_frames)
         latents_mean, latents_std = latent_statistics(vae, stats_clips)
         vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
     else:  # same encoder, same latent space: keep the statistics the later stages normalise with

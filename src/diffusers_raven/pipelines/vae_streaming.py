@@ -66,7 +66,6 @@ def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
     return 2 ** len(vae.config.temperal_downsample) * (vae.config.patch_size or 1)
 
 
-
 def frames_for_latents(num_latent_frames: int, already_decoded: int = 0, temporal_factor: int = 4) -> int:
     """Pixel frames emitted when decoding ``num_latent_frames`` after ``already_decoded`` latent frames.
 

@@ -24,7 +24,9 @@ from .pipeline_eval import (
     format_metric,
     held_out_captions,
     long_video_frames,
+    sample_videos,
     summarize_scores,
+    vae_round_trip,
 )
 from .world import (
     BACKGROUNDS,
@@ -99,6 +101,7 @@ __all__ = [
     "is_held_out",
     "label_components",
     "long_video_frames",
+    "sample_videos",
     "parse_caption",
     "render_frame",
     "render_video",
@@ -107,6 +110,7 @@ __all__ = [
     "scene_from_attributes",
     "shape_coverage",
     "summarize_scores",
+    "vae_round_trip",
     "trajectory",
     "velocities",
     "vocabulary",

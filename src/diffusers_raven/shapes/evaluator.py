@@ -518,8 +518,8 @@ def _unfold_axis(
             options.append(((p1 + 2 * n * length - p0) / g, 2 * abs(n)))
             options.append(((2 * hi - p1 + 2 * n * length - p0) / g, 2 * abs(n) + 1 if n >= 0 else 2 * abs(n) - 1))
         tolerant = []  # bounces off a wall within tolerance (after the first step: they need a previous velocity)
-        target = parity * unfolded[s - 1] if s else 0.0
         if tolerance > 0 and s > 0:
+            target = parity * unfolded[s - 1]  # the previous velocity in world orientation
             far, near = max(p0, p1), min(p0, p1)
             brackets = [  # (lowest, highest) wall position of one bounce off hi, then off lo
                 (max(hi - tolerance, far), max(hi, far) + tolerance),

@@ -27,7 +27,9 @@ __all__ = [
     "format_metric",
     "held_out_captions",
     "long_video_frames",
+    "sample_videos",
     "summarize_scores",
+    "vae_round_trip",
 ]
 
 #: The headline metrics of an evaluation (means over the videos; see ``METRIC_DESCRIPTIONS``).
@@ -78,18 +80,39 @@ def format_metric(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def sample_videos(pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
+                  max_sequence_length: int) -> list[Any]:
+    """One video per caption from the pipeline's default sampler (one generator seeded by ``seed`` for the batch):
+    float ``[F, H, W, 3]`` arrays in [0, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return list(pipe(captions, num_frames=num_frames, height=height, width=width,
+                         generator=torch.Generator().manual_seed(seed), max_sequence_length=max_sequence_length,
+                         output_type="np").frames)
+
+
+def vae_round_trip(vae, videos: list[Any]) -> list[Any]:
+    """Each uint8 ``[F, H, W, 3]`` video encoded to the VAE's posterior mode and decoded: float arrays in [0, 1]
+    (what any model generating in that latent space can at best reproduce)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for video in videos:
+            x = torch.from_numpy(video).float().div(255).permute(3, 0, 1, 2)[None] * 2 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            out.append(((y[0].permute(1, 2, 3, 0) + 1) / 2).numpy())
+    return out
+
+
 def evaluate_pipeline(pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
                       max_sequence_length: int) -> dict[str, Any]:
     """Sample ``captions`` with the pipeline's default sampler (generator seeded by ``seed``) and score them per
     chunk: ``{"num_frames", <SUMMARY_METRICS>, "per_chunk", "seconds"}``."""
-    import torch
-
     start = time.perf_counter()
-    with torch.no_grad():
-        videos = pipe(captions, num_frames=num_frames, height=height, width=width,
-                      generator=torch.Generator().manual_seed(seed), max_sequence_length=max_sequence_length,
-                      output_type="np").frames
-    scores = evaluate_batch(list(videos), captions, chunk_frames=chunk_pixel_frames(pipe))
+    videos = sample_videos(pipe, captions, num_frames, height, width, seed, max_sequence_length)
+    scores = evaluate_batch(videos, captions, chunk_frames=chunk_pixel_frames(pipe))
     return {"num_frames": num_frames, **summarize_scores(scores), "seconds": round(time.perf_counter() - start, 1)}
 
 

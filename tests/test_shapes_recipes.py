@@ -30,6 +30,24 @@ def test_shapes_text_recipe(tmp_path):
         assert key in on_disk, key
 
 
+def test_recipe_set_overrides_reach_the_config_and_typos_are_named(tmp_path):
+    """``--set key=value`` overrides YAML fields with YAML-typed values (recorded in the metrics file); a misspelt
+    key, a pair without ``=`` and a repeated key are refused with messages that name them."""
+    config = write_config(tmp_path / "text.yaml", d_model=16, d_ff=32, num_two_object_captions=20)
+    recipe = load_recipe("shapes_text")
+    results = recipe.main(["--config", config, "--output_dir", str(tmp_path / "out"),
+                           "--set", "num_two_object_captions=7", "sample_seed=3"])
+    assert results["config"]["num_two_object_captions"] == 7 and results["config"]["sample_seed"] == 3
+    assert results["num_two_object_captions_tokenized"] == 7
+    assert "--set num_two_object_captions=7" in results["command"]
+    with pytest.raises(ValueError, match="'sampel_seed' \\(did you mean 'sample_seed'\\?\\)"):
+        recipe.main(["--config", config, "--set", "sampel_seed=3"])
+    with pytest.raises(ValueError, match="KEY=VALUE.*'sample_seed'"):
+        recipe.main(["--config", config, "--set", "sample_seed"])
+    with pytest.raises(ValueError, match="sets 'sample_seed' twice"):
+        recipe.main(["--config", config, "--set", "sample_seed=1", "sample_seed=2"])
+
+
 def test_shapes_vae_recipe(tmp_path):
     import torch
     from diffusers import AutoencoderKLWan
@@ -196,3 +214,31 @@ def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
     assert len(per_video) == 2 and sum(per_video) / 2 == pytest.approx(models["tiny"]["semantic_accuracy"])
     with pytest.raises(SystemExit, match="--pipeline"):
         load_recipe("shapes_eval_chain").main(["--pipeline", "nofolder", "--output", str(out)])
+
+
+def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path):
+    """Several ``--guidance_scale`` values give one teacher entry per scale, each equal to a run at that scale alone
+    (same captions, noise and sampler); ``--long_factor 0`` skips the long videos only; a scale below 1 is refused,
+    naming the option."""
+    import torch
+
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    common = ["--pipeline", f"tiny={tmp_path / 'tiny'}", "--teacher", f"t={tmp_path / 'teacher'}", "--videos", "2",
+              "--height", "32", "--width", "32", "--teacher_steps", "3", "--long_factor", "1"]
+    recipe = load_recipe("shapes_eval_chain")
+    both = recipe.main([*common, "--guidance_scale", "1", "4", "--output", str(tmp_path / "both.json")])["models"]
+    alone = recipe.main([*common, "--guidance_scale", "4", "--long_factor", "0",
+                         "--output", str(tmp_path / "alone.json")])["models"]
+    assert {"t@cfg1", "t@cfg4"} <= set(both) and "t" not in both
+    assert "long" in both["tiny"] and "long" not in alone["tiny"]  # --long_factor 0: no long videos
+    assert alone["tiny"]["semantic_accuracy"] == both["tiny"]["semantic_accuracy"]
+    assert both["t@cfg4"]["guidance_scale"] == 4.0 and both["t@cfg1"]["guidance_scale"] == 1.0
+    for key in ("semantic_accuracy", "psnr", "semantic_accuracy_per_video"):
+        assert both["t@cfg4"][key] == alone["t"][key]
+    with pytest.raises(SystemExit, match="--guidance_scale"):
+        recipe.main([*common, "--guidance_scale", "0.5", "--output", str(tmp_path / "bad.json")])

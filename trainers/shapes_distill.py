@@ -47,7 +47,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
 from diffusers_raven.shapes import (
@@ -60,6 +59,7 @@ from diffusers_raven.shapes import (
     sample_scene,
 )
 from diffusers_raven.trainer import HISTORY_MODES, RavenConfig
+from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
 
 #: The history modes this recipe compares (``teacher_forcing`` needs encoded data videos, which it does not use).
 DISTILL_MODES = tuple(m for m in HISTORY_MODES if m != "teacher_forcing")
@@ -186,15 +186,7 @@ class ShapesDistillConfig:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesDistillConfig:
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: the config must be a mapping of ShapesDistillConfig fields")
-    spec.update(overrides or {})
-    unknown = set(spec) - {f.name for f in fields(ShapesDistillConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return ShapesDistillConfig(**spec)
+    return load_recipe_config(path, ShapesDistillConfig, overrides)
 
 
 def check_inputs(config: ShapesDistillConfig) -> None:
@@ -485,11 +477,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesDistillConfig fields")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--modes", nargs="+", default=None, help=f"overrides modes of the config ({DISTILL_MODES})")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed run: skip finished modes, resume the unfinished one")
     cli = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("output_dir", cli.output_dir), ("modes", cli.modes)) if v is not None}
+    overrides = parse_set_arguments(cli.set)
+    overrides.update({k: v for k, v in (("output_dir", cli.output_dir), ("modes", cli.modes)) if v is not None})
     config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_distill.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # fail now rather than after the training

@@ -13,7 +13,8 @@ evaluator (its source fingerprint is recorded). For each caption it scores
   ``--vae``): the ceiling of any model that generates in that latent space;
 - ``random_tiny``: the randomly initialised tiny pipeline, i.e. the chance level of the metrics;
 - every ``--teacher name=folder`` (or a bare folder, named ``teacher``): a bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
-  classifier-free guidance ``--guidance_scale``, decoded by the first pipeline's VAE;
+  classifier-free guidance ``--guidance_scale`` (several scales: one entry per scale, ``<name>@cfg<scale>``), decoded
+  by the first pipeline's VAE;
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift).
 
@@ -116,13 +117,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--teacher_steps", type=int, default=48)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0],
+                        help="the teachers' classifier-free guidance scale; several values score every teacher at "
+                             "each, named <teacher>@cfg<scale>")
     parser.add_argument("--max_sequence_length", type=int, default=18)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     if args.videos < 1:
         raise SystemExit(f"--videos must be at least 1, got {args.videos}")
+    if any(g < 1 for g in args.guidance_scale):
+        raise SystemExit(f"--guidance_scale values must be at least 1 (1 means no guidance), got {args.guidance_scale}")
     pipelines = parse_pipelines(args.pipeline)
     teachers = parse_teachers(args.teacher)
     torch.set_num_threads(args.threads)
@@ -172,13 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
                                           args.eval_seed, args.max_sequence_length))
     for name, path in teachers.items():
         teacher = WanTransformer3DModel.from_pretrained(path).eval()
-        record(name, sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
-                                    args.eval_seed, args.teacher_steps, args.guidance_scale, args.max_sequence_length),
-               sampler=f"{args.teacher_steps} Euler steps, CFG {args.guidance_scale}")
+        for scale in args.guidance_scale:
+            label = name if len(args.guidance_scale) == 1 else f"{name}@cfg{scale:g}"
+            record(label, sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
+                                         args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
+                   sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
     for name, pipe in loaded.items():
-        long_frames = long_video_frames(pipe, args.num_frames, args.long_factor)
         record(name, sample_videos(pipe, captions, args.num_frames, args.height, args.width, args.eval_seed,
                                      args.max_sequence_length), sampler="4-step consistency sampler")
+        if not args.long_factor:
+            continue
+        long_frames = long_video_frames(pipe, args.num_frames, args.long_factor)
         record(f"{name}@{long_frames}", sample_videos(pipe, captions, long_frames, args.height, args.width,
                                                                args.eval_seed, args.max_sequence_length),
                       chunk_frames=chunk_pixel_frames(pipe), num_frames=long_frames)

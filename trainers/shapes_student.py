@@ -35,10 +35,9 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
-import yaml
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, TrainerCallback, UMT5EncoderModel
 
@@ -64,6 +63,7 @@ from diffusers_raven.shapes import (
     summarize_scores,
 )
 from diffusers_raven.trainer import build_ode_dataset
+from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
 
 PAIR_SETTINGS = ("num_ode_pairs", "ode_seed", "ode_num_steps", "ode_guidance_scale", "num_frames", "height", "width",
                  "max_sequence_length", "teacher_path")
@@ -151,13 +151,7 @@ class ShapesStudentConfig:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesStudentConfig:
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    spec.update(overrides or {})
-    unknown = set(spec) - {f.name for f in fields(ShapesStudentConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return ShapesStudentConfig(**spec)
+    return load_recipe_config(path, ShapesStudentConfig, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -263,9 +257,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesStudentConfig fields")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'last' for the newest one")
     cli = parser.parse_args(argv)
-    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    overrides = parse_set_arguments(cli.set)
+    if cli.output_dir:
+        overrides["output_dir"] = cli.output_dir
+    config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_student.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

@@ -50,17 +50,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import yaml
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
 from diffusers_raven.shapes import caption, evaluate_batch, render_video, sample_scene
 from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
+from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
 from diffusers_raven.utils.text import encode_prompts
 
 SIGMA_SAMPLINGS = ("shifted_uniform", "logit_normal")
@@ -172,13 +172,7 @@ class ShapesTeacherConfig:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesTeacherConfig:
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    spec.update(overrides or {})
-    unknown = set(spec) - {f.name for f in fields(ShapesTeacherConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return ShapesTeacherConfig(**spec)
+    return load_recipe_config(path, ShapesTeacherConfig, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -369,9 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
     parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
     cli = parser.parse_args(argv)
-    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    overrides = parse_set_arguments(cli.set)
+    if cli.output_dir:
+        overrides["output_dir"] = cli.output_dir
+    config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

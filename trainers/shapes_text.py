@@ -21,14 +21,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import yaml
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.shapes import all_captions, vocabulary
+from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
 from diffusers_raven.utils.tiny import UNK_TOKEN, build_word_tokenizer, tiny_text_encoder
 
 
@@ -55,13 +55,7 @@ class ShapesTextConfig:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesTextConfig:
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    spec.update(overrides or {})
-    unknown = set(spec) - {f.name for f in fields(ShapesTextConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return ShapesTextConfig(**spec)
+    return load_recipe_config(path, ShapesTextConfig, overrides)
 
 
 @torch.no_grad()
@@ -98,8 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTextConfig fields")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
     cli = parser.parse_args(argv)
-    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    overrides = parse_set_arguments(cli.set)
+    if cli.output_dir:
+        overrides["output_dir"] = cli.output_dir
+    config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_text.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     start = time.perf_counter()

@@ -38,16 +38,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import yaml
 from diffusers import AutoencoderKLWan
 from PIL import Image
 
 from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
 from diffusers_raven.shapes import render_video, sample_scene
+from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
 
 
 @dataclass
@@ -134,13 +134,7 @@ class ShapesVAEConfig:
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesVAEConfig:
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    spec.update(overrides or {})
-    unknown = set(spec) - {f.name for f in fields(ShapesVAEConfig)}
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return ShapesVAEConfig(**spec)
+    return load_recipe_config(path, ShapesVAEConfig, overrides)
 
 
 def build_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
@@ -289,8 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesVAEConfig fields")
     parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
     cli = parser.parse_args(argv)
-    config = load_config(cli.config, {"output_dir": cli.output_dir} if cli.output_dir else None)
+    overrides = parse_set_arguments(cli.set)
+    if cli.output_dir:
+        overrides["output_dir"] = cli.output_dir
+    config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_vae.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

@@ -242,3 +242,5 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
         assert both["t@cfg4"][key] == alone["t"][key]
     with pytest.raises(SystemExit, match="--guidance_scale"):
         recipe.main([*common, "--guidance_scale", "0.5", "--output", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="--long_factor"):
+        recipe.main([*common, "--long_factor", "-1", "--output", str(tmp_path / "bad.json")])

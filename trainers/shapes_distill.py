@@ -59,7 +59,7 @@ from diffusers_raven.shapes import (
     sample_scene,
 )
 from diffusers_raven.trainer import HISTORY_MODES, RavenConfig
-from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
+from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 
 #: The history modes this recipe compares (``teacher_forcing`` needs encoded data videos, which it does not use).
 DISTILL_MODES = tuple(m for m in HISTORY_MODES if m != "teacher_forcing")
@@ -476,14 +476,14 @@ def _fingerprint(folder: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesDistillConfig fields")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_override_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=None, help=f"overrides modes of the config ({DISTILL_MODES})")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed run: skip finished modes, resume the unfinished one")
     cli = parser.parse_args(argv)
-    overrides = parse_set_arguments(cli.set)
-    overrides.update({k: v for k, v in (("output_dir", cli.output_dir), ("modes", cli.modes)) if v is not None})
+    overrides = override_arguments(cli)
+    if cli.modes is not None:
+        overrides["modes"] = cli.modes
     config = load_config(cli.config, overrides)
     command = " ".join(["python", "trainers/shapes_distill.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # fail now rather than after the training

@@ -16,7 +16,7 @@ evaluator (its source fingerprint is recorded). For each caption it scores
   classifier-free guidance ``--guidance_scale`` (several scales: one entry per scale, ``<name>@cfg<scale>``), decoded
   by the first pipeline's VAE;
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
-  training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift).
+  training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift; 0 skips it).
 
 Writes ``--output`` (JSON: per model the mean of every metric, the per-video semantic accuracy and its standard
 error, and for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table.
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--videos", type=int, default=32, help="held-out captions")
     parser.add_argument("--eval_seed", type=int, default=10**9, help="first held-out scene seed; also the noise seed")
     parser.add_argument("--num_frames", type=int, default=21, help="training length")
-    parser.add_argument("--long_factor", type=int, default=4, help="long videos: this many times the latent frames")
+    parser.add_argument("--long_factor", type=int, default=4,
+                        help="long videos: this many times the latent frames (0: no long videos)")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--teacher_steps", type=int, default=48)
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.videos < 1:
         raise SystemExit(f"--videos must be at least 1, got {args.videos}")
+    if args.long_factor < 0:
+        raise SystemExit(f"--long_factor must be 0 (no long videos) or more, got {args.long_factor}")
     if any(g < 1 for g in args.guidance_scale):
         raise SystemExit(f"--guidance_scale values must be at least 1 (1 means no guidance), got {args.guidance_scale}")
     pipelines = parse_pipelines(args.pipeline)

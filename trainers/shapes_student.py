@@ -63,7 +63,7 @@ from diffusers_raven.shapes import (
     summarize_scores,
 )
 from diffusers_raven.trainer import build_ode_dataset
-from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
+from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 
 PAIR_SETTINGS = ("num_ode_pairs", "ode_seed", "ode_num_steps", "ode_guidance_scale", "num_frames", "height", "width",
                  "max_sequence_length", "teacher_path")
@@ -256,14 +256,10 @@ def evaluate_both_lengths(pipe, captions, config, max_sequence_length, long_fram
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesStudentConfig fields")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_override_arguments(parser)
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'last' for the newest one")
     cli = parser.parse_args(argv)
-    overrides = parse_set_arguments(cli.set)
-    if cli.output_dir:
-        overrides["output_dir"] = cli.output_dir
-    config = load_config(cli.config, overrides)
+    config = load_config(cli.config, override_arguments(cli))
     command = " ".join(["python", "trainers/shapes_student.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

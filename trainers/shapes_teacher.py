@@ -60,7 +60,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
 from diffusers_raven.shapes import caption, evaluate_batch, render_video, sample_scene
 from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
-from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
+from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 from diffusers_raven.utils.text import encode_prompts
 
 SIGMA_SAMPLINGS = ("shifted_uniform", "logit_normal")
@@ -362,14 +362,10 @@ class StopFlag:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_override_arguments(parser)
     parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
     cli = parser.parse_args(argv)
-    overrides = parse_set_arguments(cli.set)
-    if cli.output_dir:
-        overrides["output_dir"] = cli.output_dir
-    config = load_config(cli.config, overrides)
+    config = load_config(cli.config, override_arguments(cli))
     command = " ".join(["python", "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.shapes import all_captions, vocabulary
-from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
+from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 from diffusers_raven.utils.tiny import UNK_TOKEN, build_word_tokenizer, tiny_text_encoder
 
 
@@ -91,13 +91,9 @@ def closest_pair(embeddings: torch.Tensor) -> tuple[float, int, int, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTextConfig fields")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_override_arguments(parser)
     cli = parser.parse_args(argv)
-    overrides = parse_set_arguments(cli.set)
-    if cli.output_dir:
-        overrides["output_dir"] = cli.output_dir
-    config = load_config(cli.config, overrides)
+    config = load_config(cli.config, override_arguments(cli))
     command = " ".join(["python", "trainers/shapes_text.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ from PIL import Image
 
 from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
 from diffusers_raven.shapes import render_video, sample_scene
-from diffusers_raven.utils.recipes import SET_HELP, load_recipe_config, parse_set_arguments
+from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 
 
 @dataclass
@@ -282,13 +282,9 @@ class StopFlag:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesVAEConfig fields")
-    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    add_override_arguments(parser)
     cli = parser.parse_args(argv)
-    overrides = parse_set_arguments(cli.set)
-    if cli.output_dir:
-        overrides["output_dir"] = cli.output_dir
-    config = load_config(cli.config, overrides)
+    config = load_config(cli.config, override_arguments(cli))
     command = " ".join(["python", "trainers/shapes_vae.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

@@ -49,4 +49,17 @@ def load_recipe_config(path: str, config_class: type[ConfigT], overrides: dict[s
     return config_class(**spec)
 
 
-SET_HELP = "override config fields, each value read as YAML, e.g. --set learning_rate=1e-4 eval_num_videos=16"
+def add_override_arguments(parser) -> None:
+    """Add a recipe's ``--output_dir`` and ``--set KEY=VALUE ...`` options to an ``argparse`` parser."""
+    parser.add_argument("--output_dir", default=None, help="overrides output_dir of the config")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields, each value read as YAML, e.g. --set learning_rate=1e-4 "
+                             "eval_num_videos=16")
+
+
+def override_arguments(cli) -> dict[str, Any]:
+    """The config overrides of parsed ``--set`` and ``--output_dir`` options (``--output_dir`` wins)."""
+    overrides = parse_set_arguments(cli.set)
+    if cli.output_dir is not None:
+        overrides["output_dir"] = cli.output_dir
+    return overrides

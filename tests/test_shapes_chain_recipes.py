@@ -88,6 +88,26 @@ def test_teacher_then_student(tmp_path, inputs):
     assert len(metrics["eval_after"]["long"]["per_chunk"]) == 2  # 9 + 12 frames
 
 
+def test_teacher_patch_size_sets_the_token_grid_and_bad_sizes_name_it(tmp_path, inputs):
+    """``patch_size`` is the transformer's spatial patch (its saved config says so, and the student inherits it); a
+    video size that is no multiple of the VAE factor x patch is refused naming ``patch_size``."""
+    from diffusers import WanTransformer3DModel
+
+    teacher_recipe = load_recipe("shapes_teacher")
+    config = write_config(tmp_path / "teacher.yaml", **inputs, **TINY_TEACHER, patch_size=4, max_steps=1)
+    teacher_recipe.main(["--config", config, "--output_dir", str(tmp_path / "out")])
+    teacher = WanTransformer3DModel.from_pretrained(tmp_path / "out" / "teacher")
+    assert tuple(teacher.config.patch_size) == (1, 4, 4)
+    assert teacher.patch_embedding.weight.shape[1:] == (4, 1, 4, 4)  # z_dim 4 in, one latent frame x 4 x 4
+    student = load_recipe("shapes_student").causal_student(teacher, 3)
+    assert tuple(student.config.patch_size) == (1, 4, 4)
+    config = write_config(tmp_path / "bad.yaml", **inputs, **{**TINY_TEACHER, "height": 48}, patch_size=4, max_steps=1)
+    with pytest.raises(ValueError, match="patch_size 4"):  # the tiny VAE is 8x: 48 is no multiple of 32
+        teacher_recipe.main(["--config", config, "--output_dir", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="patch_size"):
+        teacher_recipe.load_config(write_config(tmp_path / "t.yaml", patch_size=0))
+
+
 def test_student_starts_as_the_teacher():
     """The causal student has the teacher's config and weights; on one chunk (no history) it predicts the same."""
     import torch

@@ -244,3 +244,36 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
         recipe.main([*common, "--guidance_scale", "0.5", "--output", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="--long_factor"):
         recipe.main([*common, "--long_factor", "-1", "--output", str(tmp_path / "bad.json")])
+
+
+def test_shapes_eval_chain_decodes_teachers_with_the_vae_option(tmp_path):
+    """``--vae`` is the teachers' latent space: a teacher trained on another VAE (here 16 latent channels where the
+    pipeline's VAE has 4) is sampled in that VAE's latents and decoded by it; ``--vae`` naming a saved copy of the
+    pipeline's own VAE changes no figure."""
+    import torch
+
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+    from diffusers_raven.utils.tiny import tiny_transformer, tiny_vae
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    pipe.vae.save_pretrained(tmp_path / "same_vae")
+    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    tiny_vae(z_dim=16, base_dim=8, seed=1).save_pretrained(tmp_path / "vae16")
+    tiny_transformer(in_channels=16, text_dim=pipe.text_encoder.config.d_model).save_pretrained(tmp_path / "t16")
+    common = ["--pipeline", f"tiny={tmp_path / 'tiny'}", "--videos", "2", "--height", "32", "--width", "32",
+              "--teacher_steps", "2", "--long_factor", "0"]
+    recipe = load_recipe("shapes_eval_chain")
+    plain = recipe.main([*common, "--teacher", str(tmp_path / "teacher"), "--output", str(tmp_path / "a.json")])
+    same = recipe.main([*common, "--teacher", str(tmp_path / "teacher"), "--vae", str(tmp_path / "same_vae"),
+                        "--output", str(tmp_path / "b.json")])
+    for name in ("vae_round_trip", "teacher"):
+        assert same["models"][name]["semantic_accuracy_per_video"] == plain["models"][name]["semantic_accuracy_per_video"]
+        assert same["models"][name]["psnr"] == plain["models"][name]["psnr"]
+    other = recipe.main([*common, "--teacher", str(tmp_path / "t16"), "--vae", str(tmp_path / "vae16"),
+                         "--output", str(tmp_path / "c.json")])["models"]
+    assert other["teacher"]["psnr"] != plain["models"]["teacher"]["psnr"]
+    assert other["vae_round_trip"]["psnr"] != plain["models"]["vae_round_trip"]["psnr"]
+    with pytest.raises(ValueError, match="16 channels"):  # without --vae: the pipeline VAE has 4 latent channels
+        recipe.main([*common, "--teacher", str(tmp_path / "t16"), "--output", str(tmp_path / "d.json")])

@@ -14,7 +14,7 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 - ``random_tiny``: the randomly initialised tiny pipeline, i.e. the chance level of the metrics;
 - every ``--teacher name=folder`` (or a bare folder, named ``teacher``): a bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
   classifier-free guidance ``--guidance_scale`` (several scales: one entry per scale, ``<name>@cfg<scale>``), decoded
-  by the first pipeline's VAE;
+  by the first pipeline's VAE (or ``--vae``, for a teacher trained in another latent space);
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift; 0 skips it).
 
@@ -36,7 +36,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from diffusers_raven import CausalVideoPipeline
 from diffusers_raven.pipelines.presets import BUNDLED_MODEL_DIR, random_tiny_pipeline
-from diffusers_raven.pipelines.vae_streaming import denormalize_latents, vae_spatial_factor
+from diffusers_raven.pipelines.vae_streaming import denormalize_latents, vae_spatial_factor, vae_temporal_factor
 from diffusers_raven.shapes import (
     caption,
     chunk_pixel_frames,
@@ -64,18 +64,19 @@ def to_frames(pixels: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_teacher(teacher, pipe, captions: list[str], num_frames: int, height: int, width: int, seed: int,
+def sample_teacher(teacher, pipe, vae, captions: list[str], num_frames: int, height: int, width: int, seed: int,
                    steps: int, guidance_scale: float, max_sequence_length: int) -> list[np.ndarray]:
-    """Guided Euler sampling of the bidirectional teacher from noise, decoded with ``pipe``'s VAE."""
-    factor = vae_spatial_factor(pipe.vae)
-    shape = (len(captions), teacher.config.in_channels, (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+    """Guided Euler sampling of the bidirectional teacher from noise (prompts encoded by ``pipe``), decoded by
+    ``vae``."""
+    factor = vae_spatial_factor(vae)
+    shape = (len(captions), teacher.config.in_channels, (num_frames - 1) // vae_temporal_factor(vae) + 1,
              height // factor, width // factor)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     text, negative = pipe.encode_prompt(captions, negative_prompt=[""] * len(captions),
                                         do_classifier_free_guidance=guidance_scale != 1.0,
                                         max_sequence_length=max_sequence_length)
     _, x0 = teacher_ode_trajectory(teacher, noise, text, negative, [1.0], guidance_scale, steps, 5.0)
-    return [to_frames(pipe.vae.decode(denormalize_latents(x[None], pipe.vae)).sample)[0] for x in x0]
+    return [to_frames(vae.decode(denormalize_latents(x[None], vae)).sample)[0] for x in x0]
 
 
 def parse_pipelines(values: list[str]) -> dict[str, str]:
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "repeatable; the first one's VAE and text encoder also serve the teacher")
     parser.add_argument("--teacher", action="append", default=[],
                         help="name=folder (or a folder) of a bidirectional WanTransformer3DModel; repeatable")
-    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder for the round trip (default: the "
-                                                    "first pipeline's)")
+    parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder of the round trip and of the teachers' "
+                                                    "latent space (default: the first pipeline's)")
     parser.add_argument("--videos", type=int, default=32, help="held-out captions")
     parser.add_argument("--eval_seed", type=int, default=10**9, help="first held-out scene seed; also the noise seed")
     parser.add_argument("--num_frames", type=int, default=21, help="training length")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = WanTransformer3DModel.from_pretrained(path).eval()
         for scale in args.guidance_scale:
             label = name if len(args.guidance_scale) == 1 else f"{name}@cfg{scale:g}"
-            record(label, sample_teacher(teacher, first, captions, args.num_frames, args.height, args.width,
+            record(label, sample_teacher(teacher, first, vae, captions, args.num_frames, args.height, args.width,
                                          args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
                    sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
     for name, pipe in loaded.items():

@@ -74,7 +74,7 @@ class ShapesTeacherConfig:
 
     Parameters that control the inputs: ``tokenizer_path``, ``text_encoder_path``, ``vae_path``.
     Parameters that control the model: ``num_layers``, ``num_attention_heads``, ``attention_head_dim``,
-    ``ffn_dim`` (the width is heads × head dim), ``freq_dim``, ``model_seed``.
+    ``ffn_dim`` (the width is heads × head dim), ``freq_dim``, ``patch_size``, ``model_seed``.
     Parameters that control the data: ``num_frames`` (1 + 4k), ``height``, ``width``, ``batch_size``,
     ``fresh_videos_per_step``, ``latent_pool_size``, ``train_seed``, ``latent_sampling``, ``max_sequence_length``, ``caption_dropout``.
     Parameters that control the training: ``sigma_sampling``, ``train_shift``, ``logit_mean``, ``logit_std``,
@@ -93,10 +93,11 @@ class ShapesTeacherConfig:
     attention_head_dim: int = field(default=48, metadata={"help": "head dim; rotary split h=w=2*(d//6), t=rest"})
     ffn_dim: int = field(default=768, metadata={"help": "feed-forward size (4x the width by default)"})
     freq_dim: int = field(default=64, metadata={"help": "sinusoidal timestep-embedding size"})
+    patch_size: int = field(default=2, metadata={"help": "latent pixels per token along height and width"})
     model_seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
     # data
     num_frames: int = field(default=21, metadata={"help": "frames per training video (1 + 4k)"})
-    height: int = field(default=64, metadata={"help": "pixel height (multiple of VAE factor x patch = 16)"})
+    height: int = field(default=64, metadata={"help": "pixel height (multiple of VAE factor x patch_size)"})
     width: int = field(default=64, metadata={"help": "pixel width"})
     batch_size: int = field(default=8, metadata={"help": "videos per step"})
     fresh_videos_per_step: int | None = field(default=None, metadata={"help": "newly rendered videos per step "
@@ -143,8 +144,8 @@ class ShapesTeacherConfig:
         h_dim, t_dim = 2 * (d // 6), d - 4 * (d // 6)
         if h_dim <= 0 or t_dim <= 0 or t_dim % 2:
             raise ValueError(f"attention_head_dim={d} gives odd/empty rotary parts (t={t_dim}, h=w={h_dim})")
-        for name in ("num_layers", "num_attention_heads", "ffn_dim", "freq_dim", "batch_size", "max_steps",
-                     "log_every_steps", "eval_num_videos", "eval_num_steps", "eval_batch_size"):
+        for name in ("num_layers", "num_attention_heads", "ffn_dim", "freq_dim", "patch_size", "batch_size",
+                     "max_steps", "log_every_steps", "eval_num_videos", "eval_num_steps", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.fresh_videos_per_step is None:
@@ -192,7 +193,7 @@ def load_frozen_inputs(config: ShapesTeacherConfig):
 def teacher_config(config: ShapesTeacherConfig, in_channels: int, text_dim: int) -> dict:
     """``WanTransformer3DModel`` kwargs: the config's sizes, the VAE's channels and the text encoder's width."""
     return {
-        "patch_size": (1, 2, 2),
+        "patch_size": (1, config.patch_size, config.patch_size),
         "num_attention_heads": config.num_attention_heads,
         "attention_head_dim": config.attention_head_dim,
         "in_channels": in_channels,
@@ -375,6 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, text_encoder, vae = load_frozen_inputs(config)
     max_sequence_length = config.max_sequence_length or tokenizer.model_max_length
     embeddings = CaptionEmbeddings(tokenizer, text_encoder, max_sequence_length)
+    token_pixels = vae_spatial_factor(vae) * config.patch_size
+    if config.height % token_pixels or config.width % token_pixels:
+        raise ValueError(f"height x width = {config.height}x{config.width} must be multiples of the VAE factor "
+                         f"{vae_spatial_factor(vae)} x patch_size {config.patch_size} = {token_pixels}")
     model_kwargs = teacher_config(config, vae.config.z_dim, text_encoder.config.d_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model_seed)

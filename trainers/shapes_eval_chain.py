@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="append", default=[], required=True,
                         help="name=folder of a CausalVideoPipeline to score ('bundled' for the bundled model); "
-                             "repeatable; the first one's VAE and text encoder also serve the teacher")
+                             "repeatable; the first one's text encoder (and VAE, unless --vae) also serve the teachers")
     parser.add_argument("--teacher", action="append", default=[],
                         help="name=folder (or a folder) of a bidirectional WanTransformer3DModel; repeatable")
     parser.add_argument("--vae", default=None, help="AutoencoderKLWan folder of the round trip and of the teachers' "

@@ -138,8 +138,8 @@ class ShapesTeacherConfig:
     def __post_init__(self) -> None:
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ValueError(f"num_frames={self.num_frames} must be 1 + 4k (Wan's 4x temporal compression)")
-        if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"height x width = {self.height}x{self.width} must be positive multiples of 16")
+        if self.height <= 0 or self.width <= 0:  # multiples of VAE factor x patch_size: checked once the VAE is loaded
+            raise ValueError(f"height x width = {self.height}x{self.width} must be positive")
         d = self.attention_head_dim
         h_dim, t_dim = 2 * (d // 6), d - 4 * (d // 6)
         if h_dim <= 0 or t_dim <= 0 or t_dim % 2:
@@ -376,10 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, text_encoder, vae = load_frozen_inputs(config)
     max_sequence_length = config.max_sequence_length or tokenizer.model_max_length
     embeddings = CaptionEmbeddings(tokenizer, text_encoder, max_sequence_length)
-    token_pixels = vae_spatial_factor(vae) * config.patch_size
-    if config.height % token_pixels or config.width % token_pixels:
+    factor = vae_spatial_factor(vae)
+    if config.height % (factor * config.patch_size) or config.width % (factor * config.patch_size):
         raise ValueError(f"height x width = {config.height}x{config.width} must be multiples of the VAE factor "
-                         f"{vae_spatial_factor(vae)} x patch_size {config.patch_size} = {token_pixels}")
+                         f"{factor} x patch_size {config.patch_size} = {factor * config.patch_size}")
     model_kwargs = teacher_config(config, vae.config.z_dim, text_encoder.config.d_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model_seed)

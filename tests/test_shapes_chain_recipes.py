@@ -2,10 +2,14 @@
 end on tiny configs, with a tiny text stack and VAE built here, and save loadable models and complete metrics."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
-from recipe_utils import load_recipe, write_config
+from recipe_utils import TRAINERS, load_recipe, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +90,66 @@ def test_teacher_then_student(tmp_path, inputs):
         assert key in metrics, key
     assert len(metrics["eval_after"]["train_length"]["per_chunk"]) == 1
     assert len(metrics["eval_after"]["long"]["per_chunk"]) == 2  # 9 + 12 frames
+
+
+def test_teacher_on_two_processes_takes_the_single_process_steps(tmp_path, inputs):
+    """torchrun with 2 CPU processes (gloo) trains the teacher one process would train on the same batches: each rank
+    encodes half the fresh videos and computes half the batch, gradients and loss are averaged. Two steps on 2
+    processes (with the step-2 evaluation shared out between them), then a third step resumed in one process, match
+    three steps in one process: loss curve, evaluation, rendered scenes and weights (up to the order of float sums)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    values = {**inputs, **TINY_TEACHER, "batch_size": 4, "fresh_videos_per_step": 2, "latent_pool_size": 6,
+              "latent_sampling": "sample", "caption_dropout": 0.5, "warmup_steps": 0, "min_lr_ratio": 1.0,
+              "eval_every_steps": 2, "eval_num_videos": 2, "eval_batch_size": 1}
+    config = write_config(tmp_path / "teacher.yaml", **values, max_steps=3)
+    one = load_recipe("shapes_teacher").main(["--config", config, "--output_dir", str(tmp_path / "one")])
+
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two_config = write_config(tmp_path / "two.yaml", **values, max_steps=2)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(port), os.path.join(TRAINERS, "shapes_teacher.py"),
+                    "--config", two_config, "--output_dir", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    two = json.loads((tmp_path / "two" / "teacher_metrics.json").read_text())
+    assert two["world_size"] == 2 and two["command"].startswith("torchrun --nproc_per_node 2 ")
+    assert two["finished"] and two["steps"] == 2 and two["cores_used"] == 2
+    resumed = load_recipe("shapes_teacher").main(["--config", config, "--output_dir", str(tmp_path / "two"),
+                                                  "--resume", "last"])
+
+    assert [e["step"] for e in resumed["loss_curve"]] == [e["step"] for e in one["loss_curve"]] == [1, 2, 3]
+    assert [e["loss"] for e in resumed["loss_curve"]] == pytest.approx([e["loss"] for e in one["loss_curve"]],
+                                                                       rel=1e-5)
+    assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in one["evals"]] == [2, 3]
+    for a, b in zip(resumed["evals"], one["evals"]):  # step 2 was sampled by the two ranks, one batch each
+        for key in ("semantic_accuracy", "psnr", "consistency"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+    assert resumed["train_scenes_rendered"] == one["train_scenes_rendered"] == 4 + 2 + 2
+    a = WanTransformer3DModel.from_pretrained(tmp_path / "two" / "teacher").state_dict()
+    b = WanTransformer3DModel.from_pretrained(tmp_path / "one" / "teacher").state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert worst < 1e-5, worst
+    recipe = load_recipe("shapes_teacher")
+    torch.manual_seed(values["model_seed"] if "model_seed" in values else 0)
+    start = WanTransformer3DModel(**recipe.teacher_config(recipe.load_config(config), 4, 16)).state_dict()
+    assert max((b[k] - start[k]).abs().max().item() for k in b) > 1e3 * worst  # the steps did move the weights
+
+
+def test_teacher_processes_must_divide_the_batch(tmp_path, inputs, monkeypatch):
+    """A number of processes that does not divide ``batch_size`` (or ``fresh_videos_per_step``) is refused naming it,
+    before any process group is needed."""
+    recipe = load_recipe("shapes_teacher")
+    monkeypatch.setattr(recipe, "distributed_world", lambda: (0, 3))
+    config = write_config(tmp_path / "t.yaml", **inputs, **TINY_TEACHER, max_steps=1)
+    with pytest.raises(ValueError, match="batch_size=2 must be a multiple of the number of processes \\(3\\)"):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "out")])
+    monkeypatch.setattr(recipe, "distributed_world", lambda: (0, 2))
+    config = write_config(tmp_path / "t.yaml", **inputs, **TINY_TEACHER, max_steps=1)  # fresh_videos_per_step 1
+    with pytest.raises(ValueError, match="fresh_videos_per_step=1 must be a multiple"):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "out")])
 
 
 def test_teacher_patch_size_sets_the_token_grid_and_bad_sizes_name_it(tmp_path, inputs):

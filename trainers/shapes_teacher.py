@@ -36,6 +36,15 @@ Checkpoints: every ``checkpoint_every_steps`` the model, EMA, optimizer, step, R
 the curves so far go to ``<output_dir>/teacher_checkpoint.pt`` (one file, replaced atomically). SIGTERM or Ctrl-C
 ends the loop after the current step and still evaluates and saves.
 
+Several processes (``torchrun --nproc_per_node N trainers/shapes_teacher.py ...``, gloo on a CPU) train one model
+on N cores: every rank renders and encodes ``fresh_videos_per_step / N`` of the fresh videos, the encoded latents are
+all-gathered so that every rank keeps the same pool, every rank draws the whole batch's pool picks, caption dropout,
+sigmas and noise from the same generator, and each runs the forward and backward pass of its ``batch_size / N`` rows;
+the gradients (and the loss) are then averaged with one all-reduce. A step is thus the single-process step on the same
+batch, up to the order of float sums, and a checkpoint (written by rank 0) resumes under any number of processes that
+divides ``batch_size`` and ``fresh_videos_per_step``. Rank 0's clock decides the learning rate and the time budget,
+and SIGTERM on rank 0 ends the run on every rank; evaluation batches are shared out between the ranks.
+
 Outputs in ``output_dir``: ``teacher/`` (``WanTransformer3DModel.save_pretrained``, EMA weights) and
 ``teacher_metrics.json`` (loss curve, every evaluation, wall time, config, command).
 """
@@ -54,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -235,13 +245,19 @@ def render_scenes(seeds: list[int], split: str, config: ShapesTeacherConfig) -> 
 
 
 @torch.no_grad()
-def encode_videos(vae: AutoencoderKLWan, pixels: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Normalised latents ``[B, C, F_latent, h, w]`` (posterior mode or a posterior sample)."""
+def encode_videos(vae: AutoencoderKLWan, pixels: torch.Tensor, mode: str, generator: torch.Generator,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Normalised latents ``[B, C, F_latent, h, w]`` (posterior mode or a posterior sample).
+
+    ``rows = (start, total)``: these videos are rows ``start ...`` of ``total`` encoded by all ranks; a posterior
+    sample then draws the noise of all ``total`` rows from ``generator`` and uses its own, as one process would."""
     posterior = vae.encode(pixels).latent_dist
     if mode == "mode":
         latents = posterior.mode()
     else:
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        start, total = rows if rows is not None else (0, len(pixels))
+        noise = torch.randn((total, *posterior.mean.shape[1:]), generator=generator)[start : start + len(pixels)]
+        latents = posterior.mean + posterior.std * noise
     return normalize_latents(latents, vae)
 
 
@@ -272,14 +288,24 @@ class LatentPool:
         self.latents, self.captions, self.next = list(state["latents"]), list(state["captions"]), state["next"]
 
 
-def training_batch(pool: LatentPool, vae, scenes_rendered: int, config, generator: torch.Generator):
+def training_batch(pool: LatentPool, vae, scenes_rendered: int, config, generator: torch.Generator,
+                   rank: int = 0, world_size: int = 1):
     """Draw the batch's reused videos from the pool, render and encode its fresh ones (which then join the pool).
-    Returns ``(x0 [B, C, F, h, w], captions, number of scenes rendered so far)``."""
+    Returns the whole batch ``(x0 [B, C, F, h, w], captions, number of scenes rendered so far)``.
+
+    With ``world_size`` processes each renders and encodes its share of the fresh videos and the latents are
+    all-gathered, so every rank returns the same batch and keeps the same pool (see the module docstring)."""
     fresh = max(config.fresh_videos_per_step, config.batch_size - len(pool.latents))  # the first step is all fresh
     reused, reused_captions = pool.draw(config.batch_size - fresh, generator)
     seeds = [config.train_seed + scenes_rendered + i for i in range(fresh)]
-    pixels, captions = render_scenes(seeds, "train", config)
-    latents = encode_videos(vae, pixels, config.latent_sampling, generator)
+    share = fresh // world_size
+    pixels, _ = render_scenes(seeds[rank * share : (rank + 1) * share], "train", config)
+    latents = encode_videos(vae, pixels, config.latent_sampling, generator, rows=(rank * share, fresh))
+    if world_size > 1:
+        parts = [torch.empty_like(latents) for _ in range(world_size)]
+        dist.all_gather(parts, latents.contiguous())
+        latents = torch.cat(parts)
+    captions = [caption(sample_scene(seed, split="train", height=config.height, width=config.width)) for seed in seeds]
     pool.add(latents, captions)
     x0 = torch.cat([latents, torch.stack(reused)]) if reused else latents
     return x0, captions + reused_captions, scenes_rendered + fresh
@@ -323,21 +349,55 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str], config: ShapesTeacherConfig,
-                   seed: int) -> np.ndarray:
-    """Euler sampling of the guided teacher ODE from noise, decoded: uint8 ``[B, F, H, W, 3]``."""
+                   seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Euler sampling of the guided teacher ODE from noise, decoded: uint8 ``[B, F, H, W, 3]``.
+
+    With ``world_size`` processes, rank ``r`` samples the batches ``r, r + world_size, ...`` (every rank draws every
+    batch's noise, so each video's noise is the single-process one) and the videos are gathered on every rank."""
     factor = vae_spatial_factor(vae)
     shape = (model.config.in_channels, (config.num_frames - 1) // 4 + 1, config.height // factor,
              config.width // factor)
     generator = torch.Generator().manual_seed(seed)
-    videos = []
-    for start in range(0, len(captions), config.eval_batch_size):
+    videos = {}
+    for index, start in enumerate(range(0, len(captions), config.eval_batch_size)):
         batch = captions[start : start + config.eval_batch_size]
         noise = torch.randn((len(batch), *shape), generator=generator)
+        if index % world_size != rank:
+            continue
         negative = embeddings([""] * len(batch)) if config.eval_guidance_scale != 1.0 else None
         _, x0 = teacher_ode_trajectory(model, noise, embeddings(batch), negative, [1.0], config.eval_guidance_scale,
                                        config.eval_num_steps, config.eval_shift)
-        videos.append(decode_latents(vae, x0))
-    return np.concatenate(videos)
+        videos[index] = decode_latents(vae, x0)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, videos)
+        videos = {k: v for part in gathered for k, v in part.items()}
+    return np.concatenate([videos[k] for k in sorted(videos)])
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All-reduce the mean of every rank's gradients (a missing one counts as zero) and of the loss, in one buffer;
+    returns the averaged loss. Each rank's loss is the mean over its equal share of the batch, so the result is the
+    gradient of the whole batch's mean loss."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p in parameters:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat[-1]
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)``: torchrun's ``WORLD_SIZE > 1`` starts a gloo process group; otherwise ``(0, 1)``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world_size
 
 
 def summary(result: dict) -> dict:
@@ -367,8 +427,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
     cli = parser.parse_args(argv)
     config = load_config(cli.config, override_arguments(cli))
-    command = " ".join(["python", "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
+    rank, world_size = distributed_world()
+    for name in ("batch_size", "fresh_videos_per_step"):
+        if getattr(config, name) % world_size:
+            raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the number of processes "
+                             f"({world_size}): each process trains on an equal share")
+    launcher = ["python"] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size)]
+    command = " ".join([*launcher, "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
     os.makedirs(config.output_dir, exist_ok=True)
     metrics_path = os.path.join(config.output_dir, "teacher_metrics.json")
     checkpoint_path = os.path.join(config.output_dir, "teacher_checkpoint.pt")
@@ -398,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs.items()},
         "num_parameters": num_parameters,
+        "world_size": world_size,
         "max_sequence_length": max_sequence_length,
         "eval_captions": eval_captions,
         "loss_curve": [],
@@ -422,33 +490,43 @@ def main(argv: list[str] | None = None) -> dict:
             if key in state["results"]:
                 results[key] = state["results"][key]
         results["resumed_from"] = {"path": path, "step": step}
-        print(f"resumed from {path} at step {step} ({elapsed_before:.0f} s of training so far)")
-    print(f"teacher: {num_parameters:,} parameters ({config.num_layers} layers, width "
+        log(f"resumed from {path} at step {step} ({elapsed_before:.0f} s of training so far)")
+    log(f"teacher: {num_parameters:,} parameters ({config.num_layers} layers, width "
           f"{config.num_attention_heads * config.attention_head_dim}); latents {model_kwargs['in_channels']} ch; "
           f"text {model_kwargs['text_dim']}-d x {max_sequence_length} tokens; eval on {len(eval_captions)} "
-          f"held-out captions")
+          f"held-out captions" + (f"; {world_size} processes" if world_size > 1 else ""))
 
-    if "vae_reference" not in results:  # ground truth through the VAE: the ceiling of the teacher's scores
+    if "vae_reference" not in results and rank == 0:  # ground truth through the VAE: the ceiling of the teacher's scores
         reference = decode_latents(vae, encode_videos(vae, eval_pixels, "mode", generator))
         results["vae_reference"] = summary(evaluate_batch(list(reference), eval_captions))
-        print(f"vae reference (held-out ground truth, encoded + decoded): {results['vae_reference']}")
+        log(f"vae reference (held-out ground truth, encoded + decoded): {results['vae_reference']}")
 
     def save_metrics(finished: bool) -> None:
+        if rank != 0:
+            return
         with open(metrics_path, "w") as f:  # a partial file survives a killed run
             json.dump({**results, "finished": finished}, f, indent=2)
 
+    last_eval = [results["evals"][-1]["step"] if results["evals"] else None]  # the same on every rank
+
     def record_eval(at_step: int, elapsed: float) -> None:
+        last_eval[0] = at_step
         start_eval = time.perf_counter()
-        videos = sample_teacher(ema, vae, embeddings, eval_captions, config, seed=config.eval_seed)
+        videos = sample_teacher(ema, vae, embeddings, eval_captions, config, seed=config.eval_seed, rank=rank,
+                                world_size=world_size)
+        if rank != 0:
+            return
         scores = evaluate_batch(list(videos), eval_captions)
         entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores),
                  "eval_seconds": round(time.perf_counter() - start_eval, 1)}
         results["evals"].append(entry)
-        print(f"eval step {at_step}: semantic {fmt(entry['semantic_accuracy'])} psnr {fmt(entry['psnr'], 2)} "
+        log(f"eval step {at_step}: semantic {fmt(entry['semantic_accuracy'])} psnr {fmt(entry['psnr'], 2)} "
               f"physics {fmt(entry['physics_accuracy'])} ({entry['eval_seconds']:.0f} s)", flush=True)
         save_metrics(False)
 
     def save_checkpoint(elapsed: float) -> None:
+        if rank != 0:  # every rank holds the same state
+            return
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                  "elapsed_seconds": elapsed, "scenes_rendered": scenes_rendered, "pool": pool.state_dict(),
@@ -463,13 +541,19 @@ def main(argv: list[str] | None = None) -> dict:
     step_seconds: list[float] = []
     stop_reason = "max_steps"
     running, running_n = 0.0, 0
+    parameters = list(model.parameters())
+    rows = slice(rank * config.batch_size // world_size, (rank + 1) * config.batch_size // world_size)
     try:
         while step < config.max_steps:
-            elapsed = elapsed_before + time.perf_counter() - start
+            elapsed, stopping = elapsed_before + time.perf_counter() - start, stop.stop
+            if world_size > 1:  # rank 0's clock and signal decide for everyone (same learning rate, same last step)
+                shared = torch.tensor([elapsed, float(stopping)], dtype=torch.float64)
+                dist.broadcast(shared, 0)
+                elapsed, stopping = shared[0].item(), bool(shared[1].item())
             if elapsed >= budget_seconds:
                 stop_reason = "time_budget"
                 break
-            if stop.stop:
+            if stopping:
                 stop_reason = "signal"
                 break
             step_start = time.perf_counter()
@@ -477,17 +561,21 @@ def main(argv: list[str] | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            x0, captions, scenes_rendered = training_batch(pool, vae, scenes_rendered, config, generator)
+            x0, captions, scenes_rendered = training_batch(pool, vae, scenes_rendered, config, generator, rank,
+                                                           world_size)
             dropped = torch.rand(len(captions), generator=generator) < config.caption_dropout
-            text = embeddings(["" if d else c for c, d in zip(captions, dropped.tolist())])
+            text = ["" if d else c for c, d in zip(captions, dropped.tolist())]
             sigma = sample_sigmas(len(captions), config, generator)
             noise = torch.randn(x0.shape, generator=generator)
+            x0, noise, sigma, text = x0[rows], noise[rows], sigma[rows], embeddings(text[rows])  # this rank's share
             s = sigma.view(-1, 1, 1, 1, 1)
             noisy = (1 - s) * x0 + s * noise
             velocity = model(noisy, 1000 * sigma, text).sample
             loss = flow_matching_loss(velocity, noise, x0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:
+                loss = average_gradients(parameters, loss, world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             update_ema(ema, model, step, config.ema_decay)
@@ -500,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
                 entry = {"step": step, "loss": running / running_n, "grad_norm": float(grad_norm), "lr": lr,
                          "elapsed_seconds": round(elapsed_before + time.perf_counter() - start, 1)}
                 results["loss_curve"].append(entry)
-                print(f"step {step}: loss {entry['loss']:.4f} grad {entry['grad_norm']:.2f} lr {lr:.2e} "
+                log(f"step {step}: loss {entry['loss']:.4f} grad {entry['grad_norm']:.2f} lr {lr:.2e} "
                       f"({entry['elapsed_seconds']:.0f} s)", flush=True)
                 running, running_n = 0.0, 0
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.max_steps:
@@ -513,11 +601,15 @@ def main(argv: list[str] | None = None) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
     train_seconds = elapsed_before + time.perf_counter() - start
 
-    if not results["evals"] or results["evals"][-1]["step"] != step:
+    if last_eval[0] != step:
         record_eval(step, train_seconds)
     if config.checkpoint_every_steps:
         save_checkpoint(train_seconds)
     teacher_dir = os.path.join(config.output_dir, "teacher")
+    if rank != 0:
+        dist.barrier()  # rank 0 saves the outputs
+        dist.destroy_process_group()
+        return results
     ema.save_pretrained(teacher_dir)
 
     final = results["evals"][-1]
@@ -535,11 +627,15 @@ def main(argv: list[str] | None = None) -> dict:
             "final_loss": results["loss_curve"][-1]["loss"] if results["loss_curve"] else None,
             "distinct_captions_embedded": len(embeddings.cache),
             "total_wall_seconds_this_run": round(time.perf_counter() - start, 1),
+            "cores_used": world_size * config.num_threads,
             "teacher_dir": teacher_dir,
         }
     )
     save_metrics(True)
-    print(f"done: {step} steps, {train_seconds:.0f} s of training ({stop_reason}); final semantic "
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    log(f"done: {step} steps, {train_seconds:.0f} s of training ({stop_reason}); final semantic "
           f"{fmt(final['semantic_accuracy'])} psnr {fmt(final['psnr'], 2)}; saved {teacher_dir}")
     return results
 

@@ -51,6 +51,27 @@ def test_regression_inputs_pick_one_sigma_per_chunk():
             assert torch.allclose(t[b, start : start + 3], sigmas[k] * 1000)
 
 
+def test_ode_dataset_does_not_depend_on_its_batch_size(teacher):
+    """Pairs integrated 2 prompts at a time equal the one-at-a-time pairs (same noise per prompt, in prompt order)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_pipeline import make_pipeline
+
+    pipe = make_pipeline()
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    kwargs = dict(num_frames=21, height=32, width=32, num_steps=8, max_sequence_length=16, seed=3)
+    one = build_ode_dataset(pipe, teacher, prompts, **kwargs)
+    two = build_ode_dataset(pipe, teacher, prompts, batch_size=2, **kwargs)  # batches of 2 and 1
+    assert one["prompt"] == two["prompt"] == prompts
+    for key in ("ode_states", "latents"):
+        assert torch.allclose(torch.stack(list(one[key])), torch.stack(list(two[key])), atol=1e-5)
+    assert not torch.allclose(one["latents"][0], one["latents"][1])  # each prompt has its own noise
+    with pytest.raises(ValueError, match="batch_size"):
+        build_ode_dataset(pipe, teacher, prompts, batch_size=0, **kwargs)
+
+
 def test_ode_regression_learns(tmp_path, teacher):
     import os
     import sys

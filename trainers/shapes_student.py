@@ -76,7 +76,7 @@ class ShapesStudentConfig:
     Parameters that control the inputs: ``tokenizer_path``, ``text_encoder_path``, ``vae_path``, ``teacher_path``.
     Parameters that control the student: ``num_frames_per_chunk``.
     Parameters that control the ODE pairs: ``num_ode_pairs``, ``ode_seed``, ``ode_num_steps``,
-    ``ode_guidance_scale``.
+    ``ode_guidance_scale``, ``ode_batch_size``.
     Parameters that control the training: ``num_frames`` (1 + 4k, a whole number of chunks), ``height``, ``width``,
     ``max_sequence_length``, ``batch_size``, ``learning_rate``, ``warmup_steps``, ``weight_decay``,
     ``max_grad_norm``, ``ema_decay``, ``chunk_loss_alpha``, ``max_steps``, ``time_budget_minutes``,
@@ -97,6 +97,8 @@ class ShapesStudentConfig:
     ode_seed: int = field(default=0, metadata={"help": "caption scene seeds ode_seed + i; also the noise seed"})
     ode_num_steps: int = field(default=48, metadata={"help": "Euler steps of the teacher ODE (multiple of 4)"})
     ode_guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance of the teacher"})
+    ode_batch_size: int = field(default=8, metadata={"help": "trajectories integrated together (the pairs do not "
+                                                      "depend on it)"})
     # training
     num_frames: int = field(default=21, metadata={"help": "output frames per training video (1 + 4k)"})
     height: int = field(default=64, metadata={"help": "pixel height"})
@@ -138,7 +140,7 @@ class ShapesStudentConfig:
         if self.ode_num_steps < 4 or self.ode_num_steps % 4:
             raise ValueError(f"ode_num_steps={self.ode_num_steps} must be a positive multiple of 4 (the few-step "
                              "sigmas must lie on the teacher's grid)")
-        for name in ("num_ode_pairs", "batch_size", "max_steps", "logging_steps", "eval_num_videos",
+        for name in ("num_ode_pairs", "ode_batch_size", "batch_size", "max_steps", "logging_steps", "eval_num_videos",
                      "long_video_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -196,7 +198,8 @@ def ode_pairs(pipe, teacher, config: ShapesStudentConfig, max_sequence_length: i
     start = time.perf_counter()
     data = build_ode_dataset(pipe, teacher, prompts, config.num_frames, config.height, config.width,
                              num_steps=config.ode_num_steps, guidance_scale=config.ode_guidance_scale,
-                             seed=config.ode_seed, max_sequence_length=max_sequence_length)
+                             seed=config.ode_seed, max_sequence_length=max_sequence_length,
+                             batch_size=config.ode_batch_size)
     seconds = time.perf_counter() - start
     data.save_to_disk(folder)
     with open(settings_path, "w") as f:
@@ -238,7 +241,8 @@ def evaluate_teacher(pipe, teacher, captions: list[str], config, max_sequence_le
     start = time.perf_counter()
     data = build_ode_dataset(pipe, teacher, captions, config.num_frames, config.height, config.width,
                              num_steps=config.ode_num_steps, guidance_scale=config.ode_guidance_scale,
-                             seed=config.eval_seed, max_sequence_length=max_sequence_length)
+                             seed=config.eval_seed, max_sequence_length=max_sequence_length,
+                             batch_size=config.ode_batch_size)
     videos = []
     for x0 in data["latents"]:
         pixels = pipe.vae.decode(denormalize_latents(x0[None].to(pipe.vae.dtype), pipe.vae)).sample

@@ -138,6 +138,23 @@ def test_teacher_on_two_processes_takes_the_single_process_steps(tmp_path, input
     assert max((b[k] - start[k]).abs().max().item() for k in b) > 1e3 * worst  # the steps did move the weights
 
 
+def test_teacher_compiled_training_takes_the_eager_steps(tmp_path, inputs):
+    """``compile: true`` trains through ``torch.compile`` (inductor) and gives the eager run's losses and weights (up
+    to the order of float operations in the generated kernels)."""
+    from diffusers import WanTransformer3DModel
+
+    recipe = load_recipe("shapes_teacher")
+    runs = {}
+    for compiled in (False, True):
+        config = write_config(tmp_path / f"{compiled}.yaml", **inputs, **TINY_TEACHER, max_steps=2, compile=compiled)
+        runs[compiled] = recipe.main(["--config", config, "--output_dir", str(tmp_path / str(compiled))])
+    assert runs[True]["config"]["compile"] and not runs[False]["config"]["compile"]
+    assert [e["loss"] for e in runs[True]["loss_curve"]] == pytest.approx(
+        [e["loss"] for e in runs[False]["loss_curve"]], rel=1e-4)
+    a, b = (WanTransformer3DModel.from_pretrained(tmp_path / str(c) / "teacher").state_dict() for c in (True, False))
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-5
+
+
 def test_teacher_processes_must_divide_the_batch(tmp_path, inputs, monkeypatch):
     """A number of processes that does not divide ``batch_size`` (or ``fresh_videos_per_step``) is refused naming it,
     before any process group is needed."""

@@ -45,6 +45,9 @@ batch, up to the order of float sums, and a checkpoint (written by rank 0) resum
 divides ``batch_size`` and ``fresh_videos_per_step``. Rank 0's clock decides the learning rate and the time budget,
 and SIGTERM on rank 0 ends the run on every rank; evaluation batches are shared out between the ranks.
 
+``compile: true`` runs the training forward and backward through ``torch.compile`` (inductor, which needs a C++
+compiler): the first step compiles for a minute or two, every later one is faster; evaluation stays eager.
+
 Outputs in ``output_dir``: ``teacher/`` (``WanTransformer3DModel.save_pretrained``, EMA weights) and
 ``teacher_metrics.json`` (loss curve, every evaluation, wall time, config, command).
 """
@@ -91,6 +94,7 @@ class ShapesTeacherConfig:
     ``learning_rate``, ``min_lr_ratio``, ``warmup_steps``, ``weight_decay``, ``adam_betas``, ``max_grad_norm``,
     ``ema_decay``, ``max_steps``, ``time_budget_minutes``, ``log_every_steps``, ``checkpoint_every_steps``.
     Parameters that control the evaluation: ``eval_*``.
+    Parameters that control the computation: ``num_threads``, ``compile``.
     """
 
     # inputs
@@ -144,6 +148,8 @@ class ShapesTeacherConfig:
     # outputs
     output_dir: str = field(default="out/shapes", metadata={"help": "where teacher/ and the metrics go"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads (more oversubscribe a shared CPU)"})
+    compile: bool = field(default=False, metadata={"help": "train through torch.compile(model) (inductor; needs a C++ "
+                                                   "compiler; compiling takes a minute or two at the first step)"})
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
@@ -542,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     stop_reason = "max_steps"
     running, running_n = 0.0, 0
     parameters = list(model.parameters())
+    forward = torch.compile(model) if config.compile else model  # same parameters; the EMA is evaluated eagerly
     rows = slice(rank * config.batch_size // world_size, (rank + 1) * config.batch_size // world_size)
     try:
         while step < config.max_steps:
@@ -570,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
             x0, noise, sigma, text = x0[rows], noise[rows], sigma[rows], embeddings(text[rows])  # this rank's share
             s = sigma.view(-1, 1, 1, 1, 1)
             noisy = (1 - s) * x0 + s * noise
-            velocity = model(noisy, 1000 * sigma, text).sample
+            velocity = forward(noisy, 1000 * sigma, text).sample
             loss = flow_matching_loss(velocity, noise, x0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

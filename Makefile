@@ -19,7 +19,7 @@ setup: $(VENV)/.created
 	$(PIP) install --quiet -e ".[video]"
 
 setup-tests: $(VENV)/.created
-	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq ffmpeg chromium >/dev/null) || echo "warning: could not install ffmpeg/chromium"; }
+	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq ffmpeg chromium g++ >/dev/null) || echo "warning: could not install ffmpeg/chromium/g++"; }
 	$(PIP) install --quiet -e ".[tests,video,space]"
 
 demo: setup

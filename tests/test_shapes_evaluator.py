@@ -21,6 +21,7 @@ from diffusers_raven.shapes import (
     evaluate_video,
     evaluator,
     label_components,
+    motion_summary,
     parse_caption,
     render_video,
     sample_scene,
@@ -245,6 +246,36 @@ def test_time_reversed_video_direction_follows_the_bounce_count():
         assert result["direction_accuracy"] == expected
         accuracies.append(result["direction_accuracy"])
     assert np.mean(accuracies) < 1.0
+
+
+def test_motion_summary_against_the_world_and_corruptions():
+    """Ground truth: nothing static, class medians at the world's speeds, velocities along the caption (cosine 1).
+    Frozen videos are all static; mirrored ones reverse the horizontal movers only (cosine from the captions)."""
+    scenes = _scenes(range(24))
+    captions = [caption(s) for s in scenes]
+    videos = [render_video(s, FRAMES) for s in scenes]
+    truth = motion_summary(evaluate_batch(videos, captions, return_per_video=True)["per_video"], 64, 64)
+    num_objects = sum(len(s.objects) for s in scenes)
+    assert truth["num_objects"] == num_objects
+    assert truth["static_fraction"] == 0.0
+    assert truth["direction_cosine"] == pytest.approx(1.0, abs=1e-3)
+    for name, speed in truth["class_speeds"].items():  # world speeds, read from the initial velocities
+        expected = [float(np.linalg.norm(velocities(s, 1)[0, k])) for s in scenes for k, o in enumerate(s.objects)
+                    if o.speed == name]
+        assert truth["speed_median"][name] == pytest.approx(float(np.median(expected)), abs=0.05)
+        assert truth["speed_median"][name] == pytest.approx(speed, abs=0.05)
+
+    frozen = [np.repeat(v[:1], FRAMES, axis=0) for v in videos]
+    still = motion_summary(evaluate_batch(frozen, captions, return_per_video=True)["per_video"], 64, 64)
+    assert still["static_fraction"] == 1.0 and still["direction_cosine"] is None
+
+    one = [s for s in _scenes(range(40), num_objects=1)][:16]
+    mirrored = [render_video(s, FRAMES)[:, :, ::-1] for s in one]
+    summary = motion_summary(evaluate_batch(mirrored, [caption(s) for s in one], return_per_video=True)["per_video"],
+                             64, 64)
+    horizontal = sum(s.objects[0].direction in ("left", "right") for s in one)
+    assert 0 < horizontal < len(one)
+    assert summary["direction_cosine"] == pytest.approx((len(one) - 2 * horizontal) / len(one), abs=0.02)
 
 
 def test_bounces_unfold_with_misjudged_walls():

@@ -19,7 +19,8 @@ evaluator (its source fingerprint is recorded). For each caption it scores
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift; 0 skips it).
 
 Writes ``--output`` (JSON: per model the mean of every metric, the per-video semantic accuracy and its standard
-error, and for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table.
+error, ``motion`` (``motion_summary``: static objects, measured speed per captioned class, direction cosine), and
+for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from diffusers_raven.shapes import (
     evaluate_batch,
     evaluator_fingerprint,
     long_video_frames,
+    motion_summary,
     render_video,
     sample_scene,
     sample_videos,
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         per_video = [float(v["semantic_accuracy"]) for v in result["per_video"]]
         entry = {**mean_metrics(result), **extra, "semantic_accuracy_per_video": per_video,
                  "semantic_accuracy_stderr": float(np.std(per_video, ddof=1) / np.sqrt(len(per_video)))
-                 if len(per_video) > 1 else None}
+                 if len(per_video) > 1 else None,
+                 "motion": motion_summary(result["per_video"], args.height, args.width)}
         if chunk_frames is not None:
             entry["per_chunk"] = [{"chunk": c["chunk"], "semantic_accuracy": c.get("semantic_accuracy"),
                                    "psnr": c.get("psnr")} for c in result["per_chunk"]]

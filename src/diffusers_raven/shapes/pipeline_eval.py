@@ -10,13 +10,15 @@ keep :mod:`diffusers_raven.shapes` importable without it.
 from __future__ import annotations
 
 import hashlib
+import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .evaluator import evaluate_batch
-from .world import caption, sample_scene
+from .world import DIRECTIONS, SPEEDS, caption, resolution_scale, sample_scene
 
 __all__ = [
     "SUMMARY_METRICS",
@@ -27,6 +29,7 @@ __all__ = [
     "format_metric",
     "held_out_captions",
     "long_video_frames",
+    "motion_summary",
     "sample_videos",
     "summarize_scores",
     "vae_round_trip",
@@ -73,6 +76,46 @@ def summarize_scores(result: dict[str, Any]) -> dict[str, Any]:
     """The headline means of an :func:`evaluate_batch` result and, per chunk, semantic accuracy, PSNR, physics."""
     per_chunk = [{"chunk": c["chunk"], **{k: c.get(k) for k in CHUNK_METRICS}} for c in result["per_chunk"]]
     return {**{k: result["mean"].get(k) for k in SUMMARY_METRICS}, "per_chunk": per_chunk}
+
+
+def motion_summary(per_video: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
+    """How the matched objects of :func:`evaluate_batch` results (``return_per_video=True``) move, whatever their
+    direction and speed scores: whether they move at all, at what speed per captioned speed class, and how well
+    their velocity points along the captioned direction.
+
+    Over the caption objects whose matched object has a measured speed (present and unoccluded in two frames):
+
+    - ``num_objects``: how many such objects;
+    - ``static_fraction``: the fraction slower than the evaluator's static threshold (no velocity, no direction);
+    - ``speed_median``: per captioned class (``slow``, ``fast``), the median measured speed in px/frame at 64x64,
+      beside the world's class speeds (``class_speeds``); equal medians mean the model ignores the speed words;
+    - ``direction_cosine``: over the moving ones, the mean cosine between the measured velocity and the captioned
+      direction: 1 when they follow the caption, 0 for directions unrelated to it, -1 when reversed.
+    """
+    scale = resolution_scale(height, width)
+    speeds: dict[str, list[float]] = {name: [] for name in SPEEDS}
+    cosines, static, measured = [], 0, 0
+    for result in per_video:
+        for obj in result.get("objects", []):
+            detected = obj.get("detected")
+            if detected is None or detected.get("speed") is None:
+                continue
+            measured += 1
+            target = obj["caption"]
+            speeds[target["speed"]].append(detected["speed"] / scale)
+            velocity = detected.get("velocity")
+            if velocity is None:  # the evaluator's static objects (below STATIC_SPEED) have no velocity
+                static += 1
+                continue
+            dx, dy = DIRECTIONS[target["direction"]]
+            cosines.append((velocity[0] * dx + velocity[1] * dy) / math.hypot(*velocity))
+    return {
+        "num_objects": measured,
+        "static_fraction": static / measured if measured else None,
+        "speed_median": {name: float(statistics.median(v)) if v else None for name, v in speeds.items()},
+        "class_speeds": dict(SPEEDS),
+        "direction_cosine": sum(cosines) / len(cosines) if cosines else None,
+    }
 
 
 def format_metric(value: float | None, digits: int = 3) -> str:

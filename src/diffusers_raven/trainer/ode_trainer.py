@@ -61,8 +61,8 @@ def build_ode_dataset(pipeline, teacher, prompts: list[str], num_frames: int, he
     the few-step sigmas) and ``latents`` (``[C, F, h, w]``, the ODE's end point).
 
     ``batch_size`` prompts are integrated together (8 at a time is 1.70x faster than 1 for the bundled model's sizes
-    on a CPU: ``benchmarks/bench_ode_pairs.py``); each prompt's noise is drawn in prompt order whatever the batch size, so
-    the pairs do not depend on it (up to the order of float sums)."""
+    on a CPU: ``benchmarks/bench_ode_pairs.py``); each prompt's noise is drawn in prompt order whatever the batch
+    size, so the pairs do not depend on it (up to the order of float sums)."""
     from datasets import Dataset
 
     if batch_size < 1:

@@ -67,7 +67,17 @@ def test_teacher_then_student(tmp_path, inputs):
                 "num_parameters", "final_eval"):
         assert key in metrics, key
     assert metrics["evals"][-1]["step"] == 3 and 0 <= metrics["evals"][-1]["semantic_accuracy"] <= 1
+    sensitivity = metrics["evals"][-1]["caption_sensitivity"]
+    assert sensitivity["sigmas"] == [0.9, 0.7, 0.5, 0.3] and sensitivity["num_samples"] == 1
+    assert set(sensitivity["gap"]) == {"background", "color", "shape", "direction", "speed", "empty"}
     assert results["steps"] == 3
+    # the checkpoint's EMA, exported without training, is the saved teacher
+    info = teacher_recipe.main(["--config", config, "--output_dir", str(out), "--export_ema", str(tmp_path / "ema")])
+    assert info["step"] == 3 and json.loads((tmp_path / "ema" / "snapshot.json").read_text())["step"] == 3
+    exported = WanTransformer3DModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert all(exported[k].equal(v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="--resume"):
+        teacher_recipe.main(["--config", config, "--output_dir", str(tmp_path / "none"), "--export_ema", "x"])
 
     student_recipe = load_recipe("shapes_student")
     config = write_config(
@@ -127,6 +137,8 @@ def test_teacher_on_two_processes_takes_the_single_process_steps(tmp_path, input
     for a, b in zip(resumed["evals"], one["evals"]):  # step 2 was sampled by the two ranks, one batch each
         for key in ("semantic_accuracy", "psnr", "consistency"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+        for name, gaps in b["caption_sensitivity"]["gap"].items():  # rank 0's EMA is the one-process EMA
+            assert a["caption_sensitivity"]["gap"][name] == pytest.approx(gaps, rel=1e-3, abs=1e-6), name
     assert resumed["train_scenes_rendered"] == one["train_scenes_rendered"] == 4 + 2 + 2
     a = WanTransformer3DModel.from_pretrained(tmp_path / "two" / "teacher").state_dict()
     b = WanTransformer3DModel.from_pretrained(tmp_path / "one" / "teacher").state_dict()

@@ -212,6 +212,12 @@ def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
     assert len(models["tiny"]["long"]["per_chunk"]) == 4 and report["evaluator"]
     per_video = models["tiny"]["semantic_accuracy_per_video"]
     assert len(per_video) == 2 and sum(per_video) / 2 == pytest.approx(models["tiny"]["semantic_accuracy"])
+    sensitivity = models["teacher"]["caption_sensitivity"]
+    assert sensitivity["num_samples"] == 2 and sensitivity["sigmas"] == [0.9, 0.7, 0.5, 0.3]
+    assert set(sensitivity["gap"]) == {"background", "color", "shape", "direction", "speed", "empty"}
+    assert all(len(v) == 4 for v in sensitivity["gap"].values()) and "caption_sensitivity" not in models["tiny"]
+    assert set(sensitivity["edit_latent_msd"]) == set(sensitivity["gap"]) - {"empty"}
+    assert all(v > 0 for v in sensitivity["edit_latent_msd"].values())  # every edit changes the video
     with pytest.raises(SystemExit, match="--pipeline"):
         load_recipe("shapes_eval_chain").main(["--pipeline", "nofolder", "--output", str(out)])
 
@@ -238,12 +244,15 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
     assert "long" in both["tiny"] and "long" not in alone["tiny"]  # --long_factor 0: no long videos
     assert alone["tiny"]["semantic_accuracy"] == both["tiny"]["semantic_accuracy"]
     assert both["t@cfg4"]["guidance_scale"] == 4.0 and both["t@cfg1"]["guidance_scale"] == 1.0
-    for key in ("semantic_accuracy", "psnr", "semantic_accuracy_per_video"):
+    for key in ("semantic_accuracy", "psnr", "semantic_accuracy_per_video", "caption_sensitivity"):
         assert both["t@cfg4"][key] == alone["t"][key]
+    assert both["t@cfg1"]["caption_sensitivity"] == alone["t"]["caption_sensitivity"]  # it does not depend on CFG
     with pytest.raises(SystemExit, match="--guidance_scale"):
         recipe.main([*common, "--guidance_scale", "0.5", "--output", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="--long_factor"):
         recipe.main([*common, "--long_factor", "-1", "--output", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="--sensitivity_videos"):
+        recipe.main([*common, "--sensitivity_videos", "3", "--output", str(tmp_path / "bad.json")])
 
 
 def test_shapes_eval_chain_decodes_teachers_with_the_vae_option(tmp_path):

@@ -11,6 +11,7 @@ from diffusers_raven.shapes import (
     BACKGROUNDS,
     COLORS,
     DIRECTIONS,
+    EDITABLE_ATTRIBUTES,
     HELD_OUT_COMBOS,
     SHAPES,
     SPEEDS,
@@ -20,6 +21,7 @@ from diffusers_raven.shapes import (
     build_dataset,
     caption,
     combo_split,
+    edit_scene,
     is_held_out,
     parse_caption,
     render_frame,
@@ -256,6 +258,41 @@ def test_vocabulary_covers_every_caption_word():
     words = set(vocabulary())
     for text in all_captions(1) + all_captions(2, background="black")[:2000]:
         assert set(text.split()) <= words
+
+
+def test_edit_scene_changes_exactly_the_named_attribute():
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    changed_objects = {a: set() for a in EDITABLE_ATTRIBUTES}
+    for seed in range(200):
+        scene = sample_scene(seed)
+        before = parse_caption(caption(scene))
+        for attribute in EDITABLE_ATTRIBUTES:
+            edited = edit_scene(scene, attribute, seed)
+            assert caption(edit_scene(scene, attribute, seed)) == caption(edited)  # deterministic per seed
+            after = parse_caption(caption(edited))
+            # geometry is kept, and the original scene is not modified
+            assert [(o.x0, o.y0, o.size) for o in edited.objects] == [(o.x0, o.y0, o.size) for o in scene.objects]
+            assert parse_caption(caption(scene)) == before
+            if attribute == "background":
+                assert after["objects"] == before["objects"] and after["background"] != before["background"]
+                assert after["background"] not in {o["color"] for o in after["objects"]}
+                continue
+            assert after["background"] == before["background"]
+            diffs = [(k, a, b) for k, (a, b) in enumerate(zip(before["objects"], after["objects"])) if a != b]
+            assert len(diffs) == 1
+            k, old, new = diffs[0]
+            assert {key for key in old if old[key] != new[key]} == {attribute}
+            changed_objects[attribute].add(k)
+            if attribute == "direction":
+                assert new["direction"] == opposite[old["direction"]]
+            if attribute == "speed":
+                assert {old["speed"], new["speed"]} == {"slow", "fast"}
+            if attribute == "color":  # still a valid scene: distinct colours, none equal to the background
+                colors = [o["color"] for o in after["objects"]]
+                assert len(set(colors)) == len(colors) and after["background"] not in colors
+    assert all(changed_objects[a] == {0, 1} for a in ("color", "shape", "direction", "speed"))  # both objects drawn
+    with pytest.raises(ValueError, match="attribute"):
+        edit_scene(sample_scene(0), "size")
 
 
 # ------------------------------------------------------------------------------------------------ split

@@ -15,6 +15,10 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 - every ``--teacher name=folder`` (or a bare folder, named ``teacher``): a bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
   classifier-free guidance ``--guidance_scale`` (several scales: one entry per scale, ``<name>@cfg<scale>``), decoded
   by the first pipeline's VAE (or ``--vae``, for a teacher trained in another latent space);
+  Each teacher also gets ``caption_sensitivity`` (``--sensitivity_videos``): on the ground-truth videos of the first
+  held-out captions, the rise of its flow-matching loss per noise level when one caption attribute (background,
+  colour, shape, direction, speed; ``edit_scene``) is changed or the caption is dropped (``empty``): near zero for
+  an attribute the teacher does not read;
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift; 0 skips it).
 
@@ -37,10 +41,17 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from diffusers_raven import CausalVideoPipeline
 from diffusers_raven.pipelines.presets import BUNDLED_MODEL_DIR, random_tiny_pipeline
-from diffusers_raven.pipelines.vae_streaming import denormalize_latents, vae_spatial_factor, vae_temporal_factor
+from diffusers_raven.pipelines.vae_streaming import (
+    denormalize_latents,
+    normalize_latents,
+    vae_spatial_factor,
+    vae_temporal_factor,
+)
 from diffusers_raven.shapes import (
+    EDITABLE_ATTRIBUTES,
     caption,
     chunk_pixel_frames,
+    edit_scene,
     evaluate_batch,
     evaluator_fingerprint,
     long_video_frames,
@@ -50,7 +61,7 @@ from diffusers_raven.shapes import (
     sample_videos,
     vae_round_trip,
 )
-from diffusers_raven.training.ode import teacher_ode_trajectory
+from diffusers_raven.training import caption_loss_gaps, summarize_gaps, teacher_ode_trajectory
 
 METRICS = ("semantic_accuracy", "background_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy",
            "direction_accuracy", "speed_accuracy", "physics_accuracy", "psnr", "consistency", "num_objects")
@@ -79,6 +90,34 @@ def sample_teacher(teacher, pipe, vae, captions: list[str], num_frames: int, hei
                                         max_sequence_length=max_sequence_length)
     _, x0 = teacher_ode_trajectory(teacher, noise, text, negative, [1.0], guidance_scale, steps, 5.0)
     return [to_frames(vae.decode(denormalize_latents(x[None], vae)).sample)[0] for x in x0]
+
+
+@torch.no_grad()
+def teacher_sensitivity(teacher, pipe, vae, scenes: list, videos: list[np.ndarray], sigmas: list[float], seed: int,
+                        max_sequence_length: int) -> dict:
+    """``caption_loss_gaps`` of the teacher on the ground-truth videos of ``scenes``: per noise level, how much its
+    flow-matching loss rises when one attribute of the caption is edited (``edit_scene``, seeded ``seed + i``) or
+    the caption is dropped (``"empty"``). For scale, ``edit_latent_msd`` is, per attribute, the mean squared
+    difference between the clean latents of the scenes and of their edited scenes (same positions and sizes): how
+    far the edit moves the clean video that the teacher's prediction aims at."""
+
+    def encode(videos: list[np.ndarray]) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack(videos)).float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1
+        return torch.cat([normalize_latents(vae.encode(p[None]).latent_dist.mode(), vae) for p in pixels])
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(texts, max_sequence_length=max_sequence_length)[0]
+
+    x0 = encode(videos)
+    num_frames = videos[0].shape[0]
+    edited_scenes = {a: [edit_scene(s, a, seed + i) for i, s in enumerate(scenes)] for a in EDITABLE_ATTRIBUTES}
+    edited = {a: embed([caption(s) for s in edits]) for a, edits in edited_scenes.items()}
+    edited["empty"] = embed([""] * len(scenes))
+    loss, gaps = caption_loss_gaps(teacher, x0, embed([caption(s) for s in scenes]), edited, sigmas,
+                                   torch.Generator().manual_seed(seed))
+    msd = {a: ((encode([render_video(s, num_frames) for s in edits]) - x0) ** 2).mean().item()
+           for a, edits in edited_scenes.items()}
+    return {**summarize_gaps(sigmas, loss, gaps), "edit_latent_msd": msd}
 
 
 def parse_pipelines(values: list[str]) -> dict[str, str]:
@@ -124,6 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0],
                         help="the teachers' classifier-free guidance scale; several values score every teacher at "
                              "each, named <teacher>@cfg<scale>")
+    parser.add_argument("--sensitivity_videos", type=int, default=None,
+                        help="per teacher, the caption sensitivity (flow-matching loss gaps of edited captions) on the "
+                             "ground truth of the first this many held-out captions (default: 32, at most --videos); "
+                             "0 skips it")
+    parser.add_argument("--sensitivity_sigmas", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3],
+                        help="noise levels of the caption sensitivity")
     parser.add_argument("--max_sequence_length", type=int, default=18)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, help="JSON file to write")
@@ -132,6 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--videos must be at least 1, got {args.videos}")
     if args.long_factor < 0:
         raise SystemExit(f"--long_factor must be 0 (no long videos) or more, got {args.long_factor}")
+    if args.sensitivity_videos is None:
+        args.sensitivity_videos = min(32, args.videos)
+    if not 0 <= args.sensitivity_videos <= args.videos:
+        raise SystemExit(f"--sensitivity_videos must be between 0 and --videos ({args.videos}), "
+                         f"got {args.sensitivity_videos}")
+    if not all(0 < s <= 1 for s in args.sensitivity_sigmas):
+        raise SystemExit(f"--sensitivity_sigmas values must lie in (0, 1], got {args.sensitivity_sigmas}")
     if any(g < 1 for g in args.guidance_scale):
         raise SystemExit(f"--guidance_scale values must be at least 1 (1 means no guidance), got {args.guidance_scale}")
     pipelines = parse_pipelines(args.pipeline)
@@ -189,6 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
             record(label, sample_teacher(teacher, first, vae, captions, args.num_frames, args.height, args.width,
                                          args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
                    sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
+        if args.sensitivity_videos:
+            n = args.sensitivity_videos
+            sensitivity = teacher_sensitivity(teacher, first, vae, scenes[:n], truth[:n], args.sensitivity_sigmas,
+                                              args.eval_seed, args.max_sequence_length)
+            for scale in args.guidance_scale:
+                report["models"][name if len(args.guidance_scale) == 1 else f"{name}@cfg{scale:g}"][
+                    "caption_sensitivity"] = sensitivity
+            print(f"{name}: caption sensitivity at sigma {args.sensitivity_sigmas[0]:g}: "
+                  + ", ".join(f"{a} {g[0]:+.4f}" for a, g in sensitivity["gap"].items()), flush=True)
     for name, pipe in loaded.items():
         record(name, sample_videos(pipe, captions, args.num_frames, args.height, args.width, args.eval_seed,
                                      args.max_sequence_length), sampler="4-step consistency sampler")

@@ -29,7 +29,10 @@ as ``min(ema_decay, (1 + step) / (10 + step))``) is what evaluation uses and wha
 Evaluation every ``eval_every_steps`` and at the end: held-out-caption videos (``sample_scene(eval_seed + i,
 split="test")``) sampled from noise with ``eval_num_steps`` Euler steps on the shift-``eval_shift`` grid and
 classifier-free guidance ``eval_guidance_scale`` (``teacher_ode_trajectory``), decoded with the VAE and scored with
-``evaluate_batch``. Once, at the start, the same scenes' ground truth is encoded and decoded by the VAE and scored:
+``evaluate_batch``. Each evaluation also records the EMA model's ``caption_sensitivity`` at the noise levels
+``eval_sensitivity_sigmas``: on the same scenes' ground truth, the rise of its flow-matching loss when one caption
+attribute is edited (``edit_scene``) or the caption is dropped, a low-noise sign of which attributes it has learnt to
+read. Once, at the start, the same scenes' ground truth is encoded and decoded by the VAE and scored:
 the ceiling the teacher can reach through this VAE.
 
 Checkpoints: every ``checkpoint_every_steps`` the model, EMA, optimizer, step, RNG states, elapsed training time and
@@ -72,8 +75,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
-from diffusers_raven.shapes import caption, evaluate_batch, render_video, sample_scene
-from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
+from diffusers_raven.shapes import EDITABLE_ATTRIBUTES, caption, edit_scene, evaluate_batch, render_video, sample_scene
+from diffusers_raven.training import caption_loss_gaps, flow_matching_loss, summarize_gaps, teacher_ode_trajectory
 from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 from diffusers_raven.utils.text import encode_prompts
 
@@ -146,6 +149,9 @@ class ShapesTeacherConfig:
     eval_shift: float = field(default=5.0, metadata={"help": "shift of the sampler's sigma grid (METHOD §0)"})
     eval_guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance of the sampler"})
     eval_batch_size: int = field(default=8, metadata={"help": "videos per sampler batch"})
+    eval_sensitivity_sigmas: list = field(
+        default_factory=lambda: [0.9, 0.7, 0.5, 0.3],
+        metadata={"help": "noise levels of the caption sensitivity recorded at each evaluation ([]: none)"})
     # outputs
     output_dir: str = field(default="out/shapes", metadata={"help": "where teacher/ and the metrics go"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads (more oversubscribe a shared CPU)"})
@@ -185,6 +191,8 @@ class ShapesTeacherConfig:
             raise ValueError(f"adam_betas needs two values, got {self.adam_betas}")
         if self.time_budget_minutes <= 0:
             raise ValueError(f"time_budget_minutes={self.time_budget_minutes} must be positive")
+        if not all(0.0 < float(s) <= 1.0 for s in self.eval_sensitivity_sigmas):
+            raise ValueError(f"eval_sensitivity_sigmas={self.eval_sensitivity_sigmas} must lie in (0, 1]")
         if self.eval_every_steps < 0 or self.checkpoint_every_steps < 0 or self.warmup_steps < 0:
             raise ValueError("eval_every_steps, checkpoint_every_steps and warmup_steps must be >= 0")
 
@@ -382,6 +390,23 @@ def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str
     return np.concatenate([videos[k] for k in sorted(videos)])
 
 
+@torch.no_grad()
+def caption_sensitivity(model, vae, embeddings: CaptionEmbeddings, seeds: list[int], pixels: torch.Tensor,
+                        config: ShapesTeacherConfig) -> dict:
+    """``summarize_gaps`` of ``caption_loss_gaps`` on the held-out scenes ``seeds`` (videos ``pixels``): how much the
+    model's flow-matching loss rises per noise level when one caption attribute is edited (``edit_scene`` seeded by
+    the scene's seed) or the caption is dropped (``"empty"``). The noise is seeded by ``config.eval_seed``."""
+    scenes = [sample_scene(seed, split="test", height=config.height, width=config.width) for seed in seeds]
+    generator = torch.Generator().manual_seed(config.eval_seed)
+    x0 = torch.cat([encode_videos(vae, p[None], "mode", generator) for p in pixels])
+    edited = {a: embeddings([caption(edit_scene(s, a, seed)) for s, seed in zip(scenes, seeds)])
+              for a in EDITABLE_ATTRIBUTES}
+    edited["empty"] = embeddings([""] * len(scenes))
+    loss, gaps = caption_loss_gaps(model, x0, embeddings([caption(s) for s in scenes]), edited,
+                                   config.eval_sensitivity_sigmas, generator)
+    return summarize_gaps(config.eval_sensitivity_sigmas, loss, gaps)
+
+
 def average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor, world_size: int) -> torch.Tensor:
     """All-reduce the mean of every rank's gradients (a missing one counts as zero) and of the loss, in one buffer;
     returns the averaged loss. Each rank's loss is the mean over its equal share of the batch, so the result is the
@@ -427,13 +452,36 @@ class StopFlag:
         self.stop = True
 
 
+def export_ema(resume: str, config: ShapesTeacherConfig, folder: str) -> dict:
+    """Save the EMA weights of a checkpoint (``"last"``: ``<output_dir>/teacher_checkpoint.pt``) as a
+    ``WanTransformer3DModel`` folder, with ``snapshot.json`` (checkpoint, step, training seconds)."""
+    path = os.path.join(config.output_dir, "teacher_checkpoint.pt") if resume == "last" else resume
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {resume!r}: no checkpoint file at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state["results"]["model_config"].items()}
+    model = WanTransformer3DModel(**kwargs)
+    model.load_state_dict(state["ema"])
+    model.save_pretrained(folder)
+    info = {"checkpoint": path, "step": state["step"], "elapsed_seconds": round(state["elapsed_seconds"], 1)}
+    with open(os.path.join(folder, "snapshot.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"saved the EMA model of {path} (step {info['step']}) to {folder}")
+    return info
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
     add_override_arguments(parser)
     parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
+    parser.add_argument("--export_ema", default=None, metavar="FOLDER",
+                        help="do not train: save the EMA model of the checkpoint (--resume, default 'last') to FOLDER "
+                             "(e.g. to score a running stage with shapes_eval_chain.py)")
     cli = parser.parse_args(argv)
     config = load_config(cli.config, override_arguments(cli))
+    if cli.export_ema is not None:
+        return export_ema(cli.resume or "last", config, cli.export_ema)
     rank, world_size = distributed_world()
     for name in ("batch_size", "fresh_videos_per_step"):
         if getattr(config, name) % world_size:
@@ -525,8 +573,10 @@ def main(argv: list[str] | None = None) -> dict:
         if rank != 0:
             return
         scores = evaluate_batch(list(videos), eval_captions)
-        entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores),
-                 "eval_seconds": round(time.perf_counter() - start_eval, 1)}
+        entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores)}
+        if config.eval_sensitivity_sigmas:
+            entry["caption_sensitivity"] = caption_sensitivity(ema, vae, embeddings, eval_seeds, eval_pixels, config)
+        entry["eval_seconds"] = round(time.perf_counter() - start_eval, 1)
         results["evals"].append(entry)
         log(f"eval step {at_step}: semantic {fmt(entry['semantic_accuracy'])} psnr {fmt(entry['psnr'], 2)} "
               f"physics {fmt(entry['physics_accuracy'])} ({entry['eval_seconds']:.0f} s)", flush=True)

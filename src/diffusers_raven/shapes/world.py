@@ -30,7 +30,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,6 +260,47 @@ def sample_scene(
         if split is None or (split == "test") == is_held_out(scene):
             return scene
     raise RuntimeError("could not sample a scene")  # pragma: no cover - needs a degenerate vocabulary
+
+
+#: The caption attributes :func:`edit_scene` can change.
+EDITABLE_ATTRIBUTES: tuple[str, ...] = ("background", "color", "shape", "direction", "speed")
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def edit_scene(scene: Scene, attribute: str, seed: int | np.random.Generator | None = None) -> Scene:
+    """A copy of ``scene`` with one caption attribute changed, for counterfactual captions.
+
+    ``"background"`` gets another background that no object has the colour of; for the object attributes one object
+    is drawn uniformly and gets: the opposite ``"direction"``, the other ``"speed"``, another ``"shape"`` drawn
+    uniformly, or another ``"color"`` drawn uniformly among those that neither the background nor another object has.
+    Positions and sizes are kept, so the edited scene's caption differs from ``caption(scene)`` in that one attribute
+    and its video differs only where the attribute shows. Deterministic for an integer ``seed``.
+    """
+    _check_choice("attribute", attribute, EDITABLE_ATTRIBUTES)
+    if not scene.objects:
+        raise ValueError("scene has no objects to edit")
+    rng = _as_rng(seed)
+    objects = [replace(o) for o in scene.objects]
+    if attribute == "background":
+        taken = {o.color for o in objects}
+        choices = [b for b in BACKGROUNDS if b != scene.background and b not in taken]
+        return replace(scene, background=str(rng.choice(choices)), objects=objects)
+    k = int(rng.integers(len(objects)))
+    obj = objects[k]
+    if attribute == "direction":
+        value = _OPPOSITE[obj.direction]
+    elif attribute == "speed":
+        value = next(s for s in SPEEDS if s != obj.speed)
+    elif attribute == "shape":
+        value = str(rng.choice([s for s in SHAPES if s != obj.shape]))
+    else:
+        taken = {scene.background} | {o.color for o in objects}
+        choices = [c for c in COLORS if c not in taken]
+        if not choices:
+            raise ValueError("no colour is free for the edit (every colour is used by the scene)")
+        value = str(rng.choice(choices))
+    objects[k] = replace(obj, **{attribute: value})
+    return replace(scene, objects=objects)
 
 
 # ------------------------------------------------------------------------------------------------ motion

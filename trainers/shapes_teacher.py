@@ -578,8 +578,13 @@ def main(argv: list[str] | None = None) -> dict:
             entry["caption_sensitivity"] = caption_sensitivity(ema, vae, embeddings, eval_seeds, eval_pixels, config)
         entry["eval_seconds"] = round(time.perf_counter() - start_eval, 1)
         results["evals"].append(entry)
+        gaps = ""
+        if "caption_sensitivity" in entry:
+            sensitivity = entry["caption_sensitivity"]
+            gaps = f"; caption gaps at sigma {sensitivity['sigmas'][0]:g}: " + ", ".join(
+                f"{name} {values[0]:+.4f}" for name, values in sensitivity["gap"].items())
         log(f"eval step {at_step}: semantic {fmt(entry['semantic_accuracy'])} psnr {fmt(entry['psnr'], 2)} "
-              f"physics {fmt(entry['physics_accuracy'])} ({entry['eval_seconds']:.0f} s)", flush=True)
+            f"physics {fmt(entry['physics_accuracy'])}{gaps} ({entry['eval_seconds']:.0f} s)", flush=True)
         save_metrics(False)
 
     def save_checkpoint(elapsed: float) -> None:

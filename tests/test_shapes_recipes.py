@@ -224,8 +224,8 @@ def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
 
 def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path):
     """Several ``--guidance_scale`` values give one teacher entry per scale, each equal to a run at that scale alone
-    (same captions, noise and sampler); ``--long_factor 0`` skips the long videos only; a scale below 1 is refused,
-    naming the option."""
+    (same captions, noise and sampler), and the same caption sensitivity; ``--teacher_steps 0`` records only that
+    sensitivity; ``--long_factor 0`` skips the long videos only; bad values are refused, naming the option."""
     import torch
 
     from diffusers_raven.pipelines.presets import random_tiny_pipeline
@@ -247,6 +247,11 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
     for key in ("semantic_accuracy", "psnr", "semantic_accuracy_per_video", "caption_sensitivity"):
         assert both["t@cfg4"][key] == alone["t"][key]
     assert both["t@cfg1"]["caption_sensitivity"] == alone["t"]["caption_sensitivity"]  # it does not depend on CFG
+    only = recipe.main([*common, "--guidance_scale", "1", "4", "--teacher_steps", "0", "--long_factor", "0",
+                        "--output", str(tmp_path / "only.json")])["models"]  # no teacher video: the sensitivity only
+    assert only["t"] == {"caption_sensitivity": alone["t"]["caption_sensitivity"]} and "t@cfg4" not in only
+    with pytest.raises(SystemExit, match="--teacher_steps"):
+        recipe.main([*common, "--teacher_steps", "0", "--sensitivity_videos", "0", "--output", str(tmp_path / "b.json")])
     with pytest.raises(SystemExit, match="--guidance_scale"):
         recipe.main([*common, "--guidance_scale", "0.5", "--output", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="--long_factor"):

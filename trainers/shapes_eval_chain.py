@@ -14,11 +14,11 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 - ``random_tiny``: the randomly initialised tiny pipeline, i.e. the chance level of the metrics;
 - every ``--teacher name=folder`` (or a bare folder, named ``teacher``): a bidirectional teacher, ``--teacher_steps`` Euler steps on the shift-5 grid with
   classifier-free guidance ``--guidance_scale`` (several scales: one entry per scale, ``<name>@cfg<scale>``), decoded
-  by the first pipeline's VAE (or ``--vae``, for a teacher trained in another latent space);
+  by the first pipeline's VAE (or ``--vae``, for a teacher trained in another latent space).
   Each teacher also gets ``caption_sensitivity`` (``--sensitivity_videos``): on the ground-truth videos of the first
   held-out captions, the rise of its flow-matching loss per noise level when one caption attribute (background,
   colour, shape, direction, speed; ``edit_scene``) is changed or the caption is dropped (``empty``): near zero for
-  an attribute the teacher does not read;
+  an attribute the teacher does not read (``--teacher_steps 0`` records only this, sampling no teacher video);
 - every ``--pipeline name=folder`` (``bundled`` is the package's bundled model): its default 4-step sampler at the
   training length and, per latent chunk, at ``--long_factor`` times the latent frames (the drift; 0 skips it).
 
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="long videos: this many times the latent frames (0: no long videos)")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--teacher_steps", type=int, default=48)
+    parser.add_argument("--teacher_steps", type=int, default=48,
+                        help="Euler steps of the teachers' sampler; 0 samples no teacher video and records only the "
+                             "teachers' caption sensitivity")
     parser.add_argument("--guidance_scale", type=float, nargs="+", default=[3.0],
                         help="the teachers' classifier-free guidance scale; several values score every teacher at "
                              "each, named <teacher>@cfg<scale>")
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= args.sensitivity_videos <= args.videos:
         raise SystemExit(f"--sensitivity_videos must be between 0 and --videos ({args.videos}), "
                          f"got {args.sensitivity_videos}")
+    if args.teacher_steps < 0 or (args.teacher_steps == 0 and args.teacher and not args.sensitivity_videos):
+        raise SystemExit("--teacher_steps must be at least 1, or 0 with --sensitivity_videos above 0 "
+                         f"(the caption sensitivity only), got {args.teacher_steps}")
     if not all(0 < s <= 1 for s in args.sensitivity_sigmas):
         raise SystemExit(f"--sensitivity_sigmas values must lie in (0, 1], got {args.sensitivity_sigmas}")
     if any(g < 1 for g in args.guidance_scale):
@@ -236,8 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
                                           args.eval_seed, args.max_sequence_length))
     for name, path in teachers.items():
         teacher = WanTransformer3DModel.from_pretrained(path).eval()
-        for scale in args.guidance_scale:
-            label = name if len(args.guidance_scale) == 1 else f"{name}@cfg{scale:g}"
+        labels = [name] if len(args.guidance_scale) == 1 or not args.teacher_steps else \
+            [f"{name}@cfg{scale:g}" for scale in args.guidance_scale]
+        for label, scale in zip(labels, args.guidance_scale):
+            if not args.teacher_steps:  # --teacher_steps 0: the caption sensitivity only
+                report["models"][label] = {}
+                continue
             record(label, sample_teacher(teacher, first, vae, captions, args.num_frames, args.height, args.width,
                                          args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
                    sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
@@ -245,9 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
             n = args.sensitivity_videos
             sensitivity = teacher_sensitivity(teacher, first, vae, scenes[:n], truth[:n], args.sensitivity_sigmas,
                                               args.eval_seed, args.max_sequence_length)
-            for scale in args.guidance_scale:
-                report["models"][name if len(args.guidance_scale) == 1 else f"{name}@cfg{scale:g}"][
-                    "caption_sensitivity"] = sensitivity
+            for label in labels:
+                report["models"][label]["caption_sensitivity"] = sensitivity
             print(f"{name}: caption sensitivity at sigma {args.sensitivity_sigmas[0]:g}: "
                   + ", ".join(f"{a} {g[0]:+.4f}" for a, g in sensitivity["gap"].items()), flush=True)
     for name, pipe in loaded.items():

@@ -78,6 +78,16 @@ def test_teacher_then_student(tmp_path, inputs):
     assert all(exported[k].equal(v) for k, v in teacher.state_dict().items())
     with pytest.raises(ValueError, match="--resume"):
         teacher_recipe.main(["--config", config, "--output_dir", str(tmp_path / "none"), "--export_ema", "x"])
+    # init_from: a fine-tuning run starts from the saved teacher (unchanged here by a zero learning rate)
+    tuned = write_config(tmp_path / "tuned.yaml", **inputs, **TINY_TEACHER, max_steps=1, learning_rate=0.0,
+                         init_from=str(out / "teacher"))
+    teacher_recipe.main(["--config", tuned, "--output_dir", str(tmp_path / "tuned")])
+    start = WanTransformer3DModel.from_pretrained(tmp_path / "tuned" / "teacher").state_dict()
+    assert all(start[k].equal(v) for k, v in teacher.state_dict().items())
+    wider = write_config(tmp_path / "wider.yaml", **inputs, **{**TINY_TEACHER, "num_layers": 2}, max_steps=1,
+                         init_from=str(out / "teacher"))
+    with pytest.raises(ValueError, match="init_from=.*num_layers"):
+        teacher_recipe.main(["--config", wider, "--output_dir", str(tmp_path / "wider")])
 
     student_recipe = load_recipe("shapes_student")
     config = write_config(

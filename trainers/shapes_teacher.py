@@ -91,7 +91,7 @@ class ShapesTeacherConfig:
 
     Parameters that control the inputs: ``tokenizer_path``, ``text_encoder_path``, ``vae_path``.
     Parameters that control the model: ``num_layers``, ``num_attention_heads``, ``attention_head_dim``,
-    ``ffn_dim`` (the width is heads × head dim), ``freq_dim``, ``patch_size``, ``model_seed``.
+    ``ffn_dim`` (the width is heads × head dim), ``freq_dim``, ``patch_size``, ``model_seed``, ``init_from``.
     Parameters that control the data: ``num_frames`` (1 + 4k), ``height``, ``width``, ``batch_size``,
     ``fresh_videos_per_step``, ``latent_pool_size``, ``train_seed``, ``latent_sampling``, ``max_sequence_length``, ``caption_dropout``.
     Parameters that control the training: ``sigma_sampling``, ``train_shift``, ``logit_mean``, ``logit_std``,
@@ -113,6 +113,9 @@ class ShapesTeacherConfig:
     freq_dim: int = field(default=64, metadata={"help": "sinusoidal timestep-embedding size"})
     patch_size: int = field(default=2, metadata={"help": "latent pixels per token along height and width"})
     model_seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "a saved WanTransformer3DModel folder whose weights start the model and its "
+                                "EMA instead of the random initialisation (fine-tuning; its sizes must match)"})
     # data
     num_frames: int = field(default=21, metadata={"help": "frames per training video (1 + 4k)"})
     height: int = field(default=64, metadata={"help": "pixel height (multiple of VAE factor x patch_size)"})
@@ -452,6 +455,21 @@ class StopFlag:
         self.stop = True
 
 
+def load_initial_weights(model: WanTransformer3DModel, folder: str) -> None:
+    """Copy the weights of the saved teacher in ``folder`` into ``model`` (``init_from``); its sizes must match."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"init_from={folder!r} is not a saved WanTransformer3DModel folder")
+    source = WanTransformer3DModel.from_pretrained(folder)
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    differ = {k: (source.config.get(k), v) for k, v in model.config.items()
+              if not k.startswith("_") and plain(source.config.get(k)) != plain(v)}
+    if differ:
+        raise ValueError(f"init_from={folder!r} has other model settings (saved, configured): {differ}")
+    model.load_state_dict(source.state_dict())
+
+
 def export_ema(resume: str, config: ShapesTeacherConfig, folder: str) -> dict:
     """Save the EMA weights of a checkpoint (``"last"``: ``<output_dir>/teacher_checkpoint.pt``) as a
     ``WanTransformer3DModel`` folder, with ``snapshot.json`` (checkpoint, step, training seconds)."""
@@ -506,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model_seed)
         model = WanTransformer3DModel(**model_kwargs)
+    if config.init_from is not None:
+        load_initial_weights(model, config.init_from)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     model.train()
     num_parameters = sum(p.numel() for p in model.parameters())

@@ -93,13 +93,12 @@ def sample_teacher(teacher, pipe, vae, captions: list[str], num_frames: int, hei
 
 
 @torch.no_grad()
-def teacher_sensitivity(teacher, pipe, vae, scenes: list, videos: list[np.ndarray], sigmas: list[float], seed: int,
-                        max_sequence_length: int) -> dict:
-    """``caption_loss_gaps`` of the teacher on the ground-truth videos of ``scenes``: per noise level, how much its
-    flow-matching loss rises when one attribute of the caption is edited (``edit_scene``, seeded ``seed + i``) or
-    the caption is dropped (``"empty"``). For scale, ``edit_latent_msd`` is, per attribute, the mean squared
-    difference between the clean latents of the scenes and of their edited scenes (same positions and sizes): how
-    far the edit moves the clean video that the teacher's prediction aims at."""
+def sensitivity_inputs(pipe, vae, scenes: list, videos: list[np.ndarray], seed: int, max_sequence_length: int) -> dict:
+    """What :func:`teacher_sensitivity` needs of the ground-truth videos of ``scenes``, the same for every teacher:
+    their clean latents ``x0``, caption states, the states of the edited captions (``edit_scene``, seeded
+    ``seed + i``, one per attribute) and of the empty caption (``"empty"``), and, for scale, ``edit_latent_msd``:
+    per attribute the mean squared difference between the clean latents of the scenes and of their edited scenes
+    (same positions and sizes), i.e. how far the edit moves the clean video that a teacher's prediction aims at."""
 
     def encode(videos: list[np.ndarray]) -> torch.Tensor:
         pixels = torch.from_numpy(np.stack(videos)).float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1
@@ -113,11 +112,18 @@ def teacher_sensitivity(teacher, pipe, vae, scenes: list, videos: list[np.ndarra
     edited_scenes = {a: [edit_scene(s, a, seed + i) for i, s in enumerate(scenes)] for a in EDITABLE_ATTRIBUTES}
     edited = {a: embed([caption(s) for s in edits]) for a, edits in edited_scenes.items()}
     edited["empty"] = embed([""] * len(scenes))
-    loss, gaps = caption_loss_gaps(teacher, x0, embed([caption(s) for s in scenes]), edited, sigmas,
-                                   torch.Generator().manual_seed(seed))
     msd = {a: ((encode([render_video(s, num_frames) for s in edits]) - x0) ** 2).mean().item()
            for a, edits in edited_scenes.items()}
-    return {**summarize_gaps(sigmas, loss, gaps), "edit_latent_msd": msd}
+    return {"x0": x0, "prompt_embeds": embed([caption(s) for s in scenes]), "edited": edited, "msd": msd}
+
+
+def teacher_sensitivity(teacher, inputs: dict, sigmas: list[float], seed: int) -> dict:
+    """``caption_loss_gaps`` of the teacher on ``inputs`` (:func:`sensitivity_inputs`): per noise level, how much its
+    flow-matching loss rises when one attribute of the caption is edited or the caption is dropped; with the
+    inputs' ``edit_latent_msd``. The noise is seeded by ``seed``, the same for every teacher."""
+    loss, gaps = caption_loss_gaps(teacher, inputs["x0"], inputs["prompt_embeds"], inputs["edited"], sigmas,
+                                   torch.Generator().manual_seed(seed))
+    return {**summarize_gaps(sigmas, loss, gaps), "edit_latent_msd": inputs["msd"]}
 
 
 def parse_pipelines(values: list[str]) -> dict[str, str]:
@@ -239,21 +245,22 @@ def main(argv: list[str] | None = None) -> dict:
     random_pipe.set_progress_bar_config(disable=True)
     record("random_tiny", sample_videos(random_pipe, captions, args.num_frames, args.height, args.width,
                                           args.eval_seed, args.max_sequence_length))
+    n = args.sensitivity_videos
+    inputs = sensitivity_inputs(first, vae, scenes[:n], truth[:n], args.eval_seed, args.max_sequence_length) \
+        if teachers and n else None
     for name, path in teachers.items():
         teacher = WanTransformer3DModel.from_pretrained(path).eval()
-        labels = [name] if len(args.guidance_scale) == 1 or not args.teacher_steps else \
-            [f"{name}@cfg{scale:g}" for scale in args.guidance_scale]
-        for label, scale in zip(labels, args.guidance_scale):
-            if not args.teacher_steps:  # --teacher_steps 0: the caption sensitivity only
-                report["models"][label] = {}
-                continue
-            record(label, sample_teacher(teacher, first, vae, captions, args.num_frames, args.height, args.width,
-                                         args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
-                   sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
-        if args.sensitivity_videos:
-            n = args.sensitivity_videos
-            sensitivity = teacher_sensitivity(teacher, first, vae, scenes[:n], truth[:n], args.sensitivity_sigmas,
-                                              args.eval_seed, args.max_sequence_length)
+        if not args.teacher_steps:  # --teacher_steps 0: the caption sensitivity only
+            labels = [name]
+            report["models"][name] = {}
+        else:
+            labels = [name] if len(args.guidance_scale) == 1 else [f"{name}@cfg{g:g}" for g in args.guidance_scale]
+            for label, scale in zip(labels, args.guidance_scale):
+                record(label, sample_teacher(teacher, first, vae, captions, args.num_frames, args.height, args.width,
+                                             args.eval_seed, args.teacher_steps, scale, args.max_sequence_length),
+                       sampler=f"{args.teacher_steps} Euler steps, CFG {scale:g}", guidance_scale=scale)
+        if inputs is not None:
+            sensitivity = teacher_sensitivity(teacher, inputs, args.sensitivity_sigmas, args.eval_seed)
             for label in labels:
                 report["models"][label]["caption_sensitivity"] = sensitivity
             print(f"{name}: caption sensitivity at sigma {args.sensitivity_sigmas[0]:g}: "

@@ -394,19 +394,26 @@ def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str
 
 
 @torch.no_grad()
-def caption_sensitivity(model, vae, embeddings: CaptionEmbeddings, seeds: list[int], pixels: torch.Tensor,
-                        config: ShapesTeacherConfig) -> dict:
-    """``summarize_gaps`` of ``caption_loss_gaps`` on the held-out scenes ``seeds`` (videos ``pixels``): how much the
-    model's flow-matching loss rises per noise level when one caption attribute is edited (``edit_scene`` seeded by
-    the scene's seed) or the caption is dropped (``"empty"``). The noise is seeded by ``config.eval_seed``."""
+def sensitivity_inputs(vae, embeddings: CaptionEmbeddings, seeds: list[int], pixels: torch.Tensor,
+                       config: ShapesTeacherConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What :func:`caption_sensitivity` needs of the held-out scenes ``seeds`` (videos ``pixels``), computed once per
+    run: their clean latents, caption states, and the states of the edited captions (``edit_scene`` seeded by the
+    scene's seed, one per attribute) and of the empty caption (``"empty"``)."""
     scenes = [sample_scene(seed, split="test", height=config.height, width=config.width) for seed in seeds]
-    generator = torch.Generator().manual_seed(config.eval_seed)
-    x0 = torch.cat([encode_videos(vae, p[None], "mode", generator) for p in pixels])
+    x0 = torch.cat([encode_videos(vae, p[None], "mode", None) for p in pixels])
     edited = {a: embeddings([caption(edit_scene(s, a, seed)) for s, seed in zip(scenes, seeds)])
               for a in EDITABLE_ATTRIBUTES}
     edited["empty"] = embeddings([""] * len(scenes))
-    loss, gaps = caption_loss_gaps(model, x0, embeddings([caption(s) for s in scenes]), edited,
-                                   config.eval_sensitivity_sigmas, generator)
+    return x0, embeddings([caption(s) for s in scenes]), edited
+
+
+def caption_sensitivity(model, inputs: tuple, config: ShapesTeacherConfig) -> dict:
+    """``summarize_gaps`` of ``caption_loss_gaps`` on ``inputs`` (:func:`sensitivity_inputs`): how much the model's
+    flow-matching loss rises per noise level when one caption attribute is edited or the caption is dropped. The
+    noise is seeded by ``config.eval_seed``, so every evaluation of a run uses the same noise."""
+    x0, prompt_embeds, edited = inputs
+    loss, gaps = caption_loss_gaps(model, x0, prompt_embeds, edited, config.eval_sensitivity_sigmas,
+                                   torch.Generator().manual_seed(config.eval_seed))
     return summarize_gaps(config.eval_sensitivity_sigmas, loss, gaps)
 
 
@@ -575,6 +582,9 @@ def main(argv: list[str] | None = None) -> dict:
         reference = decode_latents(vae, encode_videos(vae, eval_pixels, "mode", generator))
         results["vae_reference"] = summary(evaluate_batch(list(reference), eval_captions))
         log(f"vae reference (held-out ground truth, encoded + decoded): {results['vae_reference']}")
+    sensitivity_data = None  # rank 0 evaluates the caption sensitivity
+    if config.eval_sensitivity_sigmas and rank == 0:
+        sensitivity_data = sensitivity_inputs(vae, embeddings, eval_seeds, eval_pixels, config)
 
     def save_metrics(finished: bool) -> None:
         if rank != 0:
@@ -595,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores = evaluate_batch(list(videos), eval_captions)
         entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores)}
         if config.eval_sensitivity_sigmas:
-            entry["caption_sensitivity"] = caption_sensitivity(ema, vae, embeddings, eval_seeds, eval_pixels, config)
+            entry["caption_sensitivity"] = caption_sensitivity(ema, sensitivity_data, config)
         entry["eval_seconds"] = round(time.perf_counter() - start_eval, 1)
         results["evals"].append(entry)
         gaps = ""

@@ -260,6 +260,50 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
         recipe.main([*common, "--sensitivity_videos", "3", "--output", str(tmp_path / "bad.json")])
 
 
+def test_shapes_eval_chain_pairs_models_against_a_reference(tmp_path):
+    """``--compare`` pairs every model's per-video semantic accuracy with a reference's: a model of the same run, or
+    one read from an earlier output (checked to be on the same captions and evaluator). The means and standard
+    errors equal a hand computation from the per-video lists; a model re-scored against its own earlier figures
+    differs by exactly 0; bad references are refused, naming the option."""
+    import statistics
+
+    import torch
+
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    common = ["--pipeline", f"tiny={tmp_path / 'tiny'}", "--teacher", f"t={tmp_path / 'teacher'}", "--videos", "3",
+              "--height", "32", "--width", "32", "--teacher_steps", "2", "--sensitivity_videos", "0"]
+    recipe = load_recipe("shapes_eval_chain")
+    first = recipe.main([*common, "--long_factor", "2", "--compare", "t", "--output", str(tmp_path / "a.json")])
+    models, paired = first["models"], first["paired"]["t"]
+    assert set(paired) == {"vae_round_trip", "random_tiny", "tiny"}  # neither the reference nor the ground truth
+    for name, row in paired.items():
+        d = [a - b for a, b in zip(models[name]["semantic_accuracy_per_video"], models["t"]["semantic_accuracy_per_video"])]
+        assert row["mean"] == pytest.approx(sum(d) / 3, abs=1e-12) and row["num_videos"] == 3
+        assert row["stderr"] == pytest.approx(statistics.stdev(d) / 3 ** 0.5, abs=1e-12)
+    assert paired["tiny"]["mean"] == paired["random_tiny"]["mean"]  # the same pipeline, the same videos
+    again = recipe.main([*common, "--long_factor", "2", "--compare", "tiny", "--compare", f"{tmp_path / 'a.json'}:t",
+                         "--compare", f"{tmp_path / 'a.json'}:tiny", "--output", str(tmp_path / "b.json")])["paired"]
+    assert again["a.json:t"]["t"] == {"mean": 0.0, "stderr": 0.0, "num_videos": 3}  # re-scored: the same videos
+    assert again["a.json:tiny"]["tiny"]["long"]["mean"] == 0.0  # the long videos are paired too
+    assert again["a.json:t"]["tiny"]["mean"] == pytest.approx(paired["tiny"]["mean"], abs=1e-12)
+    assert again["tiny"]["t"]["mean"] == pytest.approx(-paired["tiny"]["mean"], abs=1e-12)
+    stale = json.loads((tmp_path / "a.json").read_text())
+    stale["evaluator"] = "0" * 12
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    for bad, match in ((["--compare", "nosuch"], "--compare nosuch: no model"),
+                       (["--compare", f"{tmp_path / 'none.json'}:t"], "--compare .*no file"),
+                       (["--compare", f"{tmp_path / 'a.json'}:nosuch"], "--compare .*no scored model"),
+                       (["--compare", f"{tmp_path / 'a.json'}:t", "--eval_seed", "7"], "--compare .*other captions"),
+                       (["--compare", f"{tmp_path / 'stale.json'}:t"], "--compare .*another evaluator")):
+        with pytest.raises(SystemExit, match=match):
+            recipe.main([*common, "--long_factor", "0", *bad, "--output", str(tmp_path / "bad.json")])
+
+
 def test_shapes_eval_chain_decodes_teachers_with_the_vae_option(tmp_path):
     """``--vae`` is the teachers' latent space: a teacher trained on another VAE (here 16 latent channels where the
     pipeline's VAE has 4) is sampled in that VAE's latents and decoded by it; ``--vae`` naming a saved copy of the

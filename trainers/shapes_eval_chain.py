@@ -24,7 +24,10 @@ evaluator (its source fingerprint is recorded). For each caption it scores
 
 Writes ``--output`` (JSON: per model the mean of every metric, the per-video semantic accuracy and its standard
 error, ``motion`` (``motion_summary``: static objects, measured speed per captioned class, direction cosine), and
-for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table.
+for the pipelines the per-chunk semantic accuracy and PSNR at the long length) and prints a table. With
+``--compare REF`` (a model of this run, or ``FILE.json:NAME`` from an earlier output on the same captions and
+evaluator) it adds ``paired``: every model's mean per-video difference of semantic accuracy from REF, with its
+standard error.
 """
 
 from __future__ import annotations
@@ -149,6 +152,63 @@ def parse_teachers(values: list[str]) -> dict[str, str]:
     return teachers
 
 
+def paired_difference(values: list[float], reference: list[float]) -> dict:
+    """Mean and standard error of the per-video differences ``values - reference`` (same captions, same order)."""
+    d = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None,
+            "num_videos": len(d)}
+
+
+def load_references(values: list[str], captions: list[str], num_frames: int) -> dict[str, dict | str]:
+    """``--compare`` values: a name of this run (resolved once every model is scored) or ``FILE.json:NAME``, whose
+    per-video scores are read now and must come from the same captions, length and evaluator."""
+    references: dict[str, dict | str] = {}
+    for value in values:
+        path, sep, name = value.rpartition(":")
+        if not sep or not path.endswith(".json"):
+            references[value] = value
+            continue
+        if not os.path.isfile(path):
+            raise SystemExit(f"--compare {value}: no file {path}")
+        with open(path) as f:
+            earlier = json.load(f)
+        entry = earlier.get("models", {}).get(name)
+        if entry is None or "semantic_accuracy_per_video" not in entry:
+            raise SystemExit(f"--compare {value}: {path} has no scored model {name!r} "
+                             f"(it has {sorted(earlier.get('models', {}))})")
+        if earlier.get("captions") != captions or earlier.get("num_frames") != num_frames:
+            raise SystemExit(f"--compare {value}: {path} was scored on other captions or another length "
+                             "(use its --videos, --eval_seed and --num_frames)")
+        if earlier.get("evaluator") != evaluator_fingerprint():
+            raise SystemExit(f"--compare {value}: {path} was scored by another evaluator "
+                             f"({earlier.get('evaluator')} against {evaluator_fingerprint()})")
+        references[f"{os.path.basename(path)}:{name}"] = entry
+    return references
+
+
+def paired_report(models: dict, references: dict[str, dict | str]) -> dict:
+    """Per reference, every scored model's paired difference of the per-video semantic accuracy against it (at the
+    training length, and at the long length where both have one)."""
+    report = {}
+    for label, reference in references.items():
+        if isinstance(reference, str):
+            if reference not in models or "semantic_accuracy_per_video" not in models[reference]:
+                raise SystemExit(f"--compare {reference}: no model of that name was scored (scored: {sorted(models)})")
+            reference = models[reference]
+        rows = {}
+        for name, entry in models.items():
+            if "semantic_accuracy_per_video" not in entry or entry is reference or name == "ground_truth":
+                continue
+            rows[name] = paired_difference(entry["semantic_accuracy_per_video"],
+                                           reference["semantic_accuracy_per_video"])
+            if "long" in entry and "long" in reference and \
+                    entry["long"].get("num_frames") == reference["long"].get("num_frames"):
+                rows[name]["long"] = paired_difference(entry["long"]["semantic_accuracy_per_video"],
+                                                       reference["long"]["semantic_accuracy_per_video"])
+        report[label] = rows
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="append", default=[], required=True,
@@ -179,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="noise levels of the caption sensitivity")
     parser.add_argument("--max_sequence_length", type=int, default=18)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", action="append", default=[],
+                        help="a reference for paired differences of the per-video semantic accuracy: the name of a "
+                             "model scored in this run, or FILE.json:NAME, a model of an earlier output of this script "
+                             "on the same captions and evaluator; repeatable")
     parser.add_argument("--output", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     if args.videos < 1:
@@ -199,12 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--guidance_scale values must be at least 1 (1 means no guidance), got {args.guidance_scale}")
     pipelines = parse_pipelines(args.pipeline)
     teachers = parse_teachers(args.teacher)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-
     scenes = [sample_scene(args.eval_seed + i, split="test", height=args.height, width=args.width)
               for i in range(args.videos)]
     captions = [caption(s) for s in scenes]
+    references = load_references(args.compare, captions, args.num_frames)  # checked before any model is sampled
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
     loaded = {name: CausalVideoPipeline.from_pretrained(path) for name, path in pipelines.items()}
     for pipe in loaded.values():
         pipe.set_progress_bar_config(disable=True)
@@ -276,6 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
                       chunk_frames=chunk_pixel_frames(pipe), num_frames=long_frames)
         report["models"][name]["long"] = report["models"].pop(f"{name}@{long_frames}")
 
+    if args.compare:
+        report["paired"] = paired_report(report["models"], references)
+        for label, rows in report["paired"].items():
+            print(f"paired against {label}: " + ", ".join(
+                f"{name} {row['mean']:+.3f} ± {row['stderr']:.3f}" for name, row in rows.items()), flush=True)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

@@ -256,3 +256,29 @@ def test_context_pass_skipped_only_after_the_last_chunk(pipe, monkeypatch):
     for _ in zip(range(3), stream):
         pass
     assert sum(writes) == 3
+
+
+def test_default_text_length_is_the_tokenizers_when_short():
+    """Without ``max_sequence_length`` the prompt is padded to the tokenizer's ``model_max_length`` when that is at
+    most 512 (the length a small model such as the bundled one was trained with), else to Wan's 512: checked against
+    ``encode_prompts`` with the explicit length, and end to end against an explicit call; bad values name the
+    argument."""
+    from diffusers_raven.utils.text import encode_prompts
+
+    pipe = make_pipeline()
+    prompt = "a red circle moving right on a black background"
+    pipe.tokenizer.model_max_length = 18
+    text = pipe.encode_prompt(prompt)[0]
+    assert text.shape[1] == 18 and pipe.default_max_sequence_length() == 18
+    torch.testing.assert_close(text, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompt, 18), rtol=0, atol=0)
+    default = pipe(prompt, num_frames=9, height=32, width=32, generator=gen(1), output_type="pt").frames
+    explicit = pipe(prompt, num_frames=9, height=32, width=32, generator=gen(1), output_type="pt",
+                    max_sequence_length=18).frames
+    padded = pipe(prompt, num_frames=9, height=32, width=32, generator=gen(1), output_type="pt",
+                  max_sequence_length=512).frames
+    assert torch.equal(default, explicit) and not torch.equal(default, padded)  # the padding length matters
+    pipe.tokenizer.model_max_length = int(1e30)  # "no limit", as saved by many tokenizers
+    assert pipe.encode_prompt(prompt)[0].shape[1] == 512 and pipe.default_max_sequence_length(7) == 7
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_sequence_length"):
+            pipe.encode_prompt(prompt, max_sequence_length=bad)

@@ -219,6 +219,16 @@ class CausalVideoPipeline(DiffusionPipeline):
         return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ text
+    def default_max_sequence_length(self, max_sequence_length: int | None = None) -> int:
+        """``max_sequence_length`` itself, or for ``None`` the tokenizer's ``model_max_length`` if at most 512, else
+        512: the padded text length the transformer cross-attends to, which should be the one it was trained with."""
+        if max_sequence_length is None:
+            limit = getattr(self.tokenizer, "model_max_length", None)
+            return int(limit) if isinstance(limit, int) and 0 < limit <= 512 else 512
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` must be a positive integer or None, got {max_sequence_length!r}")
+        return max_sequence_length
+
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
@@ -226,11 +236,16 @@ class CausalVideoPipeline(DiffusionPipeline):
         do_classifier_free_guidance: bool = False,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder states of the prompt (and of the negative prompt when guidance is on)."""
+        """Text-encoder states of the prompt (and of the negative prompt when guidance is on).
+
+        ``max_sequence_length=None`` takes the tokenizer's ``model_max_length`` when it is at most 512 (a tokenizer
+        saved for a model trained on shorter texts, as the bundled ShapesWorld one with 18), else Wan's 512.
+        """
+        max_sequence_length = self.default_max_sequence_length(max_sequence_length)
         device = device or self._execution_device
         dtype = dtype or self.text_encoder.dtype
         if prompt_embeds is None:
@@ -653,7 +668,7 @@ class CausalVideoPipeline(DiffusionPipeline):
         output_type: str = "np",
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         window_frames: int | None = None,
         sink_frames: int = 0,
@@ -692,7 +707,7 @@ class CausalVideoPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         window_frames: int | None = None,
         sink_frames: int = 0,
@@ -719,7 +734,8 @@ class CausalVideoPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): called after every step as
                 ``callback(pipe, step, timestep, callback_kwargs)``; may return a modified ``latents``.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in ``callback_kwargs``.
-            max_sequence_length (`int`): text tokens.
+            max_sequence_length (`int`, *optional*): padded text tokens; default: the tokenizer's ``model_max_length``
+                when at most 512 (what the bundled model was trained with), else 512.
             attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. LoRA ``scale``).
             window_frames, sink_frames (`int`, *optional*): attention window and sinks, in latent frames (METHOD §2).
             context_noise (`float`): timestep of the context pass that writes the cache (0 = clean).

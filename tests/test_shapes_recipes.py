@@ -189,6 +189,20 @@ def test_shapes_bundle_ships_a_fine_tuned_decoder_only_with_the_same_encoder(tmp
         load_recipe("shapes_bundle").main(["--pipeline", str(tmp_path / "src"), "--vae", str(tmp_path / "none")])
 
 
+def save_tiny_pipeline_and_teacher(tmp_path):
+    """The random tiny pipeline in ``tmp_path/tiny`` and its transformer, as a teacher of matching sizes, in
+    ``tmp_path/teacher`` (one thread, as the chain evaluation's tests assume)."""
+    import torch
+
+    from diffusers_raven.pipelines.presets import random_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = random_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    return pipe
+
+
 def test_shapes_eval_chain_scores_every_stage_on_the_same_captions(tmp_path):
     """The chain evaluation scores ground truth perfectly and gives the random tiny pipeline, passed as a pipeline
     folder, exactly the figures of its own ``random_tiny`` chance row (same captions, seed and sampler)."""
@@ -226,14 +240,7 @@ def test_shapes_eval_chain_scores_a_teacher_at_several_guidance_scales(tmp_path)
     """Several ``--guidance_scale`` values give one teacher entry per scale, each equal to a run at that scale alone
     (same captions, noise and sampler), and the same caption sensitivity; ``--teacher_steps 0`` records only that
     sensitivity; ``--long_factor 0`` skips the long videos only; bad values are refused, naming the option."""
-    import torch
-
-    from diffusers_raven.pipelines.presets import random_tiny_pipeline
-
-    torch.set_num_threads(1)
-    pipe = random_tiny_pipeline()
-    pipe.save_pretrained(tmp_path / "tiny")
-    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    save_tiny_pipeline_and_teacher(tmp_path)
     common = ["--pipeline", f"tiny={tmp_path / 'tiny'}", "--teacher", f"t={tmp_path / 'teacher'}", "--videos", "2",
               "--height", "32", "--width", "32", "--teacher_steps", "3", "--long_factor", "1"]
     recipe = load_recipe("shapes_eval_chain")
@@ -267,14 +274,7 @@ def test_shapes_eval_chain_pairs_models_against_a_reference(tmp_path):
     differs by exactly 0; bad references are refused, naming the option."""
     import statistics
 
-    import torch
-
-    from diffusers_raven.pipelines.presets import random_tiny_pipeline
-
-    torch.set_num_threads(1)
-    pipe = random_tiny_pipeline()
-    pipe.save_pretrained(tmp_path / "tiny")
-    pipe.transformer.save_pretrained(tmp_path / "teacher")
+    save_tiny_pipeline_and_teacher(tmp_path)
     common = ["--pipeline", f"tiny={tmp_path / 'tiny'}", "--teacher", f"t={tmp_path / 'teacher'}", "--videos", "3",
               "--height", "32", "--width", "32", "--teacher_steps", "2", "--sensitivity_videos", "0"]
     recipe = load_recipe("shapes_eval_chain")

@@ -152,11 +152,16 @@ def parse_teachers(values: list[str]) -> dict[str, str]:
     return teachers
 
 
+def standard_error(values) -> float | None:
+    """Standard error of the mean of ``values`` (``None`` for fewer than two)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
 def paired_difference(values: list[float], reference: list[float]) -> dict:
     """Mean and standard error of the per-video differences ``values - reference`` (same captions, same order)."""
     d = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None,
-            "num_videos": len(d)}
+    return {"mean": float(d.mean()), "stderr": standard_error(d), "num_videos": len(d)}
 
 
 def load_references(values: list[str], captions: list[str], num_frames: int) -> dict[str, dict | str]:
@@ -184,6 +189,10 @@ def load_references(values: list[str], captions: list[str], num_frames: int) -> 
                              f"({earlier.get('evaluator')} against {evaluator_fingerprint()})")
         references[f"{os.path.basename(path)}:{name}"] = entry
     return references
+
+
+def fmt_stderr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def paired_report(models: dict, references: dict[str, dict | str]) -> dict:
@@ -291,8 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = evaluate_batch(videos, captions, chunk_frames=chunk_frames, return_per_video=True)
         per_video = [float(v["semantic_accuracy"]) for v in result["per_video"]]
         entry = {**mean_metrics(result), **extra, "semantic_accuracy_per_video": per_video,
-                 "semantic_accuracy_stderr": float(np.std(per_video, ddof=1) / np.sqrt(len(per_video)))
-                 if len(per_video) > 1 else None,
+                 "semantic_accuracy_stderr": standard_error(per_video),
                  "motion": motion_summary(result["per_video"], args.height, args.width)}
         if chunk_frames is not None:
             entry["per_chunk"] = [{"chunk": c["chunk"], "semantic_accuracy": c.get("semantic_accuracy"),
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["paired"] = paired_report(report["models"], references)
         for label, rows in report["paired"].items():
             print(f"paired against {label}: " + ", ".join(
-                f"{name} {row['mean']:+.3f} ± {row['stderr']:.3f}" for name, row in rows.items()), flush=True)
+                f"{name} {row['mean']:+.3f} ± {fmt_stderr(row['stderr'])}" for name, row in rows.items()), flush=True)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

@@ -1,8 +1,9 @@
 """Default models: where the bundled model lives and how a ``--model`` string becomes a pipeline.
 
-The package will ship a small model trained on ShapesWorld in ``diffusers_raven/assets/shapesworld``. Until it exists,
-the default falls back to a randomly initialised tiny pipeline (deterministic, offline, noise-like output), and
-:func:`resolve_model` reports that so that callers can say so.
+The package ships a small model trained on ShapesWorld in ``diffusers_raven/assets/shapesworld`` (built by the recipes of
+``docs/shapes_model_chain.md``). If that folder is missing (a trimmed install), the default falls back to a randomly
+initialised tiny pipeline (deterministic, offline, noise-like output), and :func:`resolve_model` reports that so that
+callers can say so.
 
 ``model`` strings understood by :func:`load_pipeline`:
 
@@ -40,7 +41,7 @@ __all__ = [
     "resolve_model",
 ]
 
-#: Where the trained ShapesWorld model will be shipped inside the package (absent until it is trained).
+#: Where the bundled ShapesWorld model lives inside the package.
 BUNDLED_MODEL_DIR: Path = Path(diffusers_raven.__file__).parent / "assets" / "shapesworld"
 #: The ``model`` name of the default model.
 DEFAULT_MODEL = "bundled"

@@ -25,6 +25,7 @@ Writes ``benchmarks/results/teacher_scaling.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -74,6 +75,7 @@ def steps_to_reach(a: float, b: float, target: float) -> float:
     return STEP_REFERENCE * 2.0**exponent if exponent < 1000 else math.inf
 
 
+@functools.cache
 def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
@@ -198,7 +200,7 @@ def main() -> None:
             "hours_at_fastest_stage_rate": hours,
             "fastest_stage": fastest["name"],
             "fastest_stage_seconds_per_step": fastest["seconds_per_step"],
-            "bootstrap_steps": quantiles(np.where(finite, projected, np.inf)) if finite.any() else None,
+            "bootstrap_steps": quantiles(projected) if finite.any() else None,
             "bootstrap_fraction_never": float(1.0 - finite.mean()),
         },
         "vae_round_trip_semantic_accuracy": float(round_trip["semantic_accuracy"]),

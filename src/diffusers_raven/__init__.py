@@ -4,8 +4,8 @@ Public names are imported lazily so that ``import diffusers_raven`` stays cheap 
 (``trl``, ``peft``, ``datasets``) is only needed by the trainers.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
 
@@ -26,10 +26,6 @@ _LAZY = {
     "ODERegressionTrainer": "diffusers_raven.trainer",
     "RavenConfig": "diffusers_raven.trainer",
     "RavenTrainer": "diffusers_raven.trainer",
-    "CMGRPOConfig": "diffusers_raven.trainer",
-    "CMGRPOTrainer": "diffusers_raven.trainer",
-    "KVPOConfig": "diffusers_raven.trainer",
-    "KVPOTrainer": "diffusers_raven.trainer",
 }
 
 __all__ = list(_LAZY)
@@ -37,7 +33,7 @@ __all__ = list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
+        value = getattr(_import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'diffusers_raven' has no attribute {name!r}")
@@ -47,15 +43,10 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def _load_components() -> None:
-    """Import the diffusers-facing classes so that ``model_index.json`` entries resolve."""
-    for name in ("CausalWanTransformer3DModel", "ConsistencyFlowMatchScheduler", "FlowMatchSDEScheduler", "CausalVideoPipeline"):
-        __getattr__(name)
-
-
-if TYPE_CHECKING:  # pragma: no cover
+if _TYPE_CHECKING:  # pragma: no cover
     from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
 
     from .models import CausalWanTransformer3DModel, KVCache  # noqa: F401
     from .pipelines import CausalVideoChunk, CausalVideoPipeline, CausalVideoPipelineOutput  # noqa: F401
     from .schedulers import ConsistencyFlowMatchScheduler, FlowMatchSDEScheduler, GaussianTransition  # noqa: F401
+    from .trainer import ODERegressionConfig, ODERegressionTrainer, RavenConfig, RavenTrainer  # noqa: F401

@@ -131,6 +131,65 @@ def test_history_gradient_matches_finite_difference(causal_model):
         assert abs(numeric - grad[index].item()) <= 2e-2 * abs(grad[index].item()) + 1e-4
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_chunk_history_pass_equals_block_causal_pass(tiny_config, causal_model, batch):
+    """A one-chunk video has an empty history (no chunk before it) and its clean twin is seen by nobody."""
+    x, text, t = _inputs(batch=batch, frames=CHUNK)
+    twin = torch.randn_like(x)
+    with torch.no_grad():
+        plain = causal_model(x, t, text).sample
+        empty = causal_model(x, t, text, history=x[:, :, :0]).sample
+        with_twin = causal_model(x, t, text, history=twin).sample
+        with_twin_per_frame = causal_model(x, t, text, history=twin, history_timestep=torch.zeros(batch, CHUNK)).sample
+        cache = KVCache.for_model(causal_model, batch)
+        cached = causal_model(x, t, text, kv_cache=cache, frame_offset=0).sample
+    for out in (empty, with_twin, with_twin_per_frame, cached):
+        assert (out - plain).abs().max() <= TOL
+    # One chunk sees only itself, so with one timestep per video it is the parent's bidirectional pass.
+    parent = WanTransformer3DModel(**tiny_config).eval()
+    parent.load_state_dict(causal_model.state_dict())
+    t_video = t[:, 0]
+    with torch.no_grad():
+        ref = parent(x, t_video, text).sample
+        out = causal_model(x, t_video, text, history=x[:, :, :0]).sample
+    assert (out - ref).abs().max() <= TOL
+
+
+def test_one_chunk_history_pass_gradients(causal_model):
+    x, text, t = _inputs(frames=CHUNK)
+    weights = torch.randn_like(x)
+
+    def gradients(**kwargs):
+        causal_model.zero_grad()
+        noisy = x.clone().requires_grad_(True)
+        (causal_model(noisy, t, text, **kwargs).sample * weights).sum().backward()
+        params = torch.cat([p.grad.flatten() for p in causal_model.parameters() if p.grad is not None])
+        return noisy.grad, params
+
+    ref_x, ref_params = gradients()
+    assert ref_x.abs().sum() > 0 and ref_params.abs().sum() > 0
+    twin = torch.randn_like(x).requires_grad_(True)
+    for history in (x[:, :, :0].clone().requires_grad_(True), twin):
+        grad_x, grad_params = gradients(history=history)
+        assert torch.allclose(grad_x, ref_x, atol=1e-6)
+        assert torch.allclose(grad_params, ref_params, atol=1e-6)
+    assert twin.grad is None or torch.all(twin.grad == 0)  # the clean twin of the only chunk is seen by nobody
+
+
+def test_history_timestep_per_frame_for_the_whole_twin(causal_model):
+    x, text, _ = _inputs(frames=12)
+    clean = torch.randn_like(x)
+    t = torch.full((1, 12), 937.5)
+    context_t = torch.linspace(0, 100, 12)[None]
+    with torch.no_grad():
+        whole = causal_model(x, t, text, history=clean, history_timestep=context_t).sample
+        short = causal_model(x, t, text, history=clean[:, :, :9], history_timestep=context_t[:, :9]).sample
+        zero = causal_model(x, t, text, history=clean, history_timestep=torch.zeros(1, 12)).sample
+    ref, _ = _cached_rollout(causal_model, x, t, text, clean=clean)
+    assert torch.equal(whole, short)
+    assert (zero - ref).abs().max() <= TOL
+
+
 def test_relative_rope_equals_absolute_without_gaps(causal_model):
     x, text, t = _inputs(frames=9)
     a, _ = _cached_rollout(causal_model, x, t, text, rope="absolute")

@@ -155,10 +155,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """Latent frames per chunk after temporal patching."""
         return self.config.num_frames_per_chunk // self.config.patch_size[0]
 
-    def new_kv_cache(self, batch_size: int, **kwargs) -> KVCache:
-        """Shortcut for :meth:`KVCache.for_model`."""
-        return KVCache.for_model(self, batch_size, **kwargs)
-
     def _rope(self, positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables for frame ``positions``, memoised (a streamed chunk reuses them for every sampler step)."""
         freqs = self.rope.freqs_cos
@@ -247,7 +243,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             history (`torch.Tensor`, *optional*):
                 Clean latents ``[batch, channels, frames', height, width]`` of the chunks before each noisy chunk (the
                 training-time-test sequence of METHOD §4). ``frames'`` is the number of frames of ``hidden_states``
-                or that minus the last chunk. Gradients flow into ``history``.
+                or that minus the last chunk (so empty for a one-chunk video, whose pass is then the block-causal
+                one). Gradients flow into ``history``.
             history_timestep (`float` or `torch.Tensor`):
                 Timestep of the clean history tokens (the context-noise timestep, 0 by default).
             window_frames (`int`, *optional*), sink_frames (`int`):
@@ -297,18 +294,22 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 )
             history_frames = history.shape[2] // p_t
             last_start = ((frames - 1) // chunk) * chunk
-            if history_frames not in (frames, last_start):
+            if history.shape[2] % p_t or history_frames not in (frames, last_start):
                 raise ValueError(
                     f"`history` must hold the clean twins of every chunk ({frames} latent frames) or of every chunk "
-                    f"but the last ({last_start}); got {history_frames}."
+                    f"but the last ({last_start}); got {history.shape[2]} latent frames."
                 )
-            if history_frames == frames:  # the last clean chunk is seen by nobody
-                history = history[:, :, : last_start * p_t]
-                history_frames = last_start
             history_t = self._frame_timesteps(
                 history_timestep, batch, history_frames, "history_timestep", hidden_states.device
             )
-            frame_t = torch.cat([frame_t, history_t], dim=1)
+            if history_frames == frames:  # the last clean chunk is seen by nobody
+                history = history[:, :, : last_start * p_t]
+                history_t = history_t[:, :last_start]
+                history_frames = last_start
+            if history_frames:
+                frame_t = torch.cat([frame_t, history_t], dim=1)
+            else:  # a one-chunk video: no clean chunk is seen, so the pass is the plain block-causal one
+                history = None
 
         positions = torch.arange(frame_offset, frame_offset + frames)
         if history_frames:
@@ -409,7 +410,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
-
 
 
 CausalWanTransformer3DModel.__module__ = "diffusers_raven"

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from diffusers_raven.training import (
     RolloutRecord,
-    caption_loss_gaps,
     chunk_weights,
     critic_loss,
     dmd_loss,
@@ -14,7 +13,6 @@ from diffusers_raven.training import (
     pack_interleaved,
     participation_scores,
     sample_dmd_timesteps,
-    summarize_gaps,
 )
 
 
@@ -94,70 +92,3 @@ def test_packed_interleaved_pass_reproduces_the_cached_rollout():
         sigma = record.sigmas[k]
         x0 = packed["hidden_states"] - sigma * v
         assert (x0 - record.pred_original[k]).abs().max() <= 1e-5
-
-
-# ------------------------------------------------------------------------------------------------ caption sensitivity
-class _Out:
-    def __init__(self, sample):
-        self.sample = sample
-
-
-class _PromptIsTheCleanVideo(torch.nn.Module):
-    """``v = (x − e) / σ`` with the prompt ``e`` read as a video: the exact velocity when ``e = x0``."""
-
-    def forward(self, x, timesteps, embeds):
-        sigma = (timesteps / 1000).view(-1, *[1] * (x.ndim - 1))
-        return _Out((x - embeds.reshape(x.shape)) / sigma)
-
-
-def test_caption_loss_gaps_by_hand():
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(3, 2, 2, 2, 4, generator=g, dtype=torch.float64)
-    true = x0.reshape(3, 4, 8)
-    shift = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
-    sigmas = [0.9, 0.25]
-    loss, gaps = caption_loss_gaps(_PromptIsTheCleanVideo(), x0, true, {"edit": true + shift, "same": true}, sigmas, g)
-    assert loss.abs().max() < 1e-12 and gaps["same"].abs().max() < 1e-12
-    # ((x − x0 − d)/σ − (x − x0)/σ)² = d² / σ²
-    expected = torch.stack([(shift**2).mean(dim=(1, 2)) / s**2 for s in sigmas]).float()
-    assert torch.allclose(gaps["edit"], expected, rtol=1e-5)
-    summary = summarize_gaps(sigmas, loss, gaps)
-    assert summary["positive_fraction"]["edit"] == [1.0, 1.0] and summary["positive_fraction"]["same"] == [0.0, 0.0]
-    assert summary["gap"]["edit"] == pytest.approx(expected.mean(dim=1).tolist(), rel=1e-5)
-    assert summary["gap_stderr"]["edit"] == pytest.approx((expected.std(dim=1) / 3**0.5).tolist(), rel=1e-4)
-
-
-def test_caption_loss_gaps_match_a_recomputation_with_the_wan_teacher():
-    from diffusers import WanTransformer3DModel
-
-    from diffusers_raven.utils.tiny import tiny_transformer_config
-
-    torch.manual_seed(1)
-    teacher = WanTransformer3DModel(**tiny_transformer_config()).eval()
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(2, 4, 3, 4, 4, generator=g)
-    text, other = torch.randn(2, 16, 32, generator=g), torch.randn(2, 16, 32, generator=g)
-    sigmas = [0.8, 0.4]
-    loss, gaps = caption_loss_gaps(teacher, x0, text, {"other": other}, sigmas, torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for row, sigma in enumerate(sigmas):
-            eps = torch.randn(x0.shape, generator=g)
-            x = (1 - sigma) * x0 + sigma * eps
-            t = torch.tensor([1000 * sigma, 1000 * sigma])
-            for b in range(2):  # one sample at a time: the batch does not mix samples
-                ref = critic_loss(teacher(x[b : b + 1], t[:1], text[b : b + 1]).sample, eps[b : b + 1], x0[b : b + 1])
-                alt = critic_loss(teacher(x[b : b + 1], t[:1], other[b : b + 1]).sample, eps[b : b + 1], x0[b : b + 1])
-                assert torch.isclose(loss[row, b], ref, rtol=1e-4)
-                assert torch.isclose(gaps["other"][row, b], alt - ref, rtol=1e-3, atol=1e-6)
-
-
-def test_caption_loss_gaps_reject_bad_input():
-    x0, text = torch.zeros(2, 4, 1, 2, 2), torch.zeros(2, 3, 8)
-    model = _PromptIsTheCleanVideo()
-    with pytest.raises(ValueError, match="sigmas"):
-        caption_loss_gaps(model, x0, text, {}, [0.0])
-    with pytest.raises(ValueError, match="prompt_embeds"):
-        caption_loss_gaps(model, x0, text[:1], {}, [0.5])
-    with pytest.raises(ValueError, match=r"edited_prompt_embeds\['e'\]"):
-        caption_loss_gaps(model, x0, text, {"e": text[:, :2]}, [0.5])

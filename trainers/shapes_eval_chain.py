@@ -53,6 +53,7 @@ from diffusers_raven.pipelines.vae_streaming import (
 from diffusers_raven.shapes import (
     EDITABLE_ATTRIBUTES,
     caption,
+    caption_loss_gaps,
     chunk_pixel_frames,
     edit_scene,
     evaluate_batch,
@@ -62,9 +63,10 @@ from diffusers_raven.shapes import (
     render_video,
     sample_scene,
     sample_videos,
+    summarize_gaps,
     vae_round_trip,
 )
-from diffusers_raven.training import caption_loss_gaps, summarize_gaps, teacher_ode_trajectory
+from diffusers_raven.training import teacher_ode_trajectory
 
 METRICS = ("semantic_accuracy", "background_accuracy", "count_accuracy", "color_accuracy", "shape_accuracy",
            "direction_accuracy", "speed_accuracy", "physics_accuracy", "psnr", "consistency", "num_objects")

@@ -76,7 +76,8 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
 from diffusers_raven.shapes import EDITABLE_ATTRIBUTES, caption, edit_scene, evaluate_batch, render_video, sample_scene
-from diffusers_raven.training import caption_loss_gaps, flow_matching_loss, summarize_gaps, teacher_ode_trajectory
+from diffusers_raven.shapes.sensitivity import caption_loss_gaps, summarize_gaps
+from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
 from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
 from diffusers_raven.utils.text import encode_prompts
 

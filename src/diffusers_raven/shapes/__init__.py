@@ -1,5 +1,6 @@
-"""ShapesWorld: a procedural text-to-video world (``world``), its analytic, pixel-based evaluator (``evaluator``) and
-the evaluation protocol of a causal video pipeline used by the model-chain recipes (``pipeline_eval``).
+"""ShapesWorld: a procedural text-to-video world (``world``), its analytic, pixel-based evaluator (``evaluator``),
+the evaluation protocol of a causal video pipeline used by the model-chain recipes (``pipeline_eval``) and the caption
+sensitivity of a denoiser to edited captions (``sensitivity``).
 
 A leaf package: it imports nothing else from ``diffusers_raven`` (``datasets`` only inside ``build_dataset``).
 """
@@ -29,6 +30,7 @@ from .pipeline_eval import (
     summarize_scores,
     vae_round_trip,
 )
+from .sensitivity import caption_loss_gaps, summarize_gaps
 from .world import (
     BACKGROUNDS,
     COLORS,
@@ -89,6 +91,7 @@ __all__ = [
     "all_captions",
     "build_dataset",
     "caption",
+    "caption_loss_gaps",
     "chunk_pixel_frames",
     "combo_split",
     "compose_frame",
@@ -115,6 +118,7 @@ __all__ = [
     "sample_scene",
     "scene_from_attributes",
     "shape_coverage",
+    "summarize_gaps",
     "summarize_scores",
     "vae_round_trip",
     "trajectory",

@@ -4,11 +4,9 @@ from .chunk_weights import chunk_weights, frame_weights, participation_scores, p
 from .dmd import critic_loss, dmd_gradient, dmd_loss, flow_matching_loss, sample_dmd_timesteps
 from .ode import ode_regression_inputs, ode_regression_loss, shifted_grid, teacher_ode_trajectory
 from .rollout import RolloutRecord, pack_interleaved, sample_steps
-from .sensitivity import caption_loss_gaps, summarize_gaps
 
 __all__ = [
     "RolloutRecord",
-    "caption_loss_gaps",
     "chunk_weights",
     "critic_loss",
     "dmd_gradient",
@@ -23,7 +21,6 @@ __all__ = [
     "sample_dmd_timesteps",
     "sample_steps",
     "shifted_grid",
-    "summarize_gaps",
     "teacher_ode_trajectory",
     "weighted_mean",
 ]

@@ -1,7 +1,7 @@
 """Push to / load from the Hub, offline: the real ``huggingface_hub`` client against a local Hub-protocol server.
 
 ``local_hub`` (from ``diffusers_raven.testing.hub_server``) starts a ``LocalHubServer`` on 127.0.0.1, points
-``huggingface_hub`` at it (``constants.ENDPOINT``, the download URL template, the default ``HfApi``; Xet disabled),
+``huggingface_hub`` at it (an HTTP client factory that sends the Hub's requests to the server; Xet disabled),
 turns the offline mode set by ``conftest.py`` off for the test only (``HF_HUB_OFFLINE`` unset and
 ``huggingface_hub.constants.HF_HUB_OFFLINE = False``) and uses a temporary HF home / cache.
 """
@@ -165,21 +165,37 @@ def test_missing_repo_gives_file_not_found(local_hub: LocalHubServer, tmp_path: 
 
 
 def test_use_hub_endpoint_restores_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
     import huggingface_hub.hf_api as hf_api
+    from huggingface_hub.utils import _http
 
     before = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint, constants.HF_HUB_OFFLINE)
     before_xet, before_env = constants.HF_HUB_DISABLE_XET, os.environ.get("HF_ENDPOINT")
+    before_factory = _http._GLOBAL_CLIENT_FACTORY
     with LocalHubServer() as server, use_hub_endpoint(server.endpoint):
-        assert constants.ENDPOINT == hf_api.api.endpoint == HfApi().endpoint == server.endpoint
-        assert constants.HUGGINGFACE_CO_URL_TEMPLATE.startswith(server.endpoint + "/")
+        # the endpoint settings keep their value: the client's requests for the Hub host are sent to the server
+        assert (constants.ENDPOINT, hf_api.api.endpoint, HfApi().endpoint) == (before[0],) * 3
+        assert HfApi(token="x").whoami()["name"] == "tester"
+        assert HfApi(endpoint=server.endpoint, token="x").create_repo("tester/direct").repo_id == "tester/direct"
+        assert hf_api.api.create_repo("tester/default", token="x").url == f"{constants.ENDPOINT}/tester/default"
+        assert server.repo_ids() == ["tester/default", "tester/direct"]
         assert constants.HF_HUB_DISABLE_XET is True and constants.HF_HUB_OFFLINE is False
         assert os.environ["HF_ENDPOINT"] == server.endpoint
+        # a subprocess reads HF_ENDPOINT at import and talks to the server directly
+        probe = "from huggingface_hub import HfApi, constants; print(constants.ENDPOINT, HfApi(token='x').whoami()['name'])"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+        assert out.stdout.split() == [server.endpoint, "tester"]
+        with pytest.raises(RuntimeError, match="does not reach other hosts"):
+            _http.get_session().get("https://example.com/")
         root = server.root
         assert root.is_dir()
     assert not root.exists()  # temporary storage removed by stop()
     after = (constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_api.api.endpoint, constants.HF_HUB_OFFLINE)
     assert after == before and constants.HF_HUB_DISABLE_XET == before_xet
     assert os.environ.get("HF_ENDPOINT") == before_env
+    assert _http._GLOBAL_CLIENT_FACTORY is before_factory
 
 
 def test_server_errors_and_persistence(tmp_path: Path) -> None:

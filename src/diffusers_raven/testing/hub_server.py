@@ -6,8 +6,9 @@ batch API) and download them again (``hf_hub_download`` / ``snapshot_download``)
 listens on ``127.0.0.1`` on a free port, runs in a background thread and keeps its repositories in a directory (a
 temporary one unless given).
 
-:func:`use_hub_endpoint` points the already-imported ``huggingface_hub`` at such a server (and restores everything
-afterwards), and the ``hub_server`` / ``local_hub`` pytest fixtures wire both together::
+:func:`use_hub_endpoint` points the already-imported ``huggingface_hub`` at such a server through its public HTTP
+client factory (and restores everything afterwards), and the ``hub_server`` / ``local_hub`` pytest fixtures wire both
+together::
 
     from diffusers_raven.testing.hub_server import hub_server, local_hub  # noqa: F401  (pytest fixtures)
 
@@ -33,7 +34,10 @@ Implemented endpoints (model repositories only)::
     POST   /api/telemetry/...                                   (accepted and ignored)
 
 Errors carry the ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) that the client
-turns into ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``EntryNotFoundError``.
+turns into ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``EntryNotFoundError``. The absolute URLs of the
+answers (repository, commit, LFS upload and verify) start with the server's :attr:`~LocalHubServer.endpoint`, or with
+the address named by the request's ``X-Forwarded-Host`` / ``X-Forwarded-Proto`` headers when a forwarding client
+sends them.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ _DEFAULT_GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_FORWARDED_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _CHUNK = 1 << 20
 
 
@@ -333,7 +338,7 @@ class LocalHubServer:
         repo.commits[oid] = commit
         return commit
 
-    def _create_repo(self, body: dict[str, Any], user: str) -> dict[str, Any]:
+    def _create_repo(self, body: dict[str, Any], user: str, base_url: str | None = None) -> dict[str, Any]:
         repo_type = body.get("type") or "model"
         if repo_type != "model":
             raise _HubError(400, f"LocalHubServer only hosts model repositories, not {repo_type!r}.")
@@ -341,7 +346,7 @@ class LocalHubServer:
         if not isinstance(name, str) or not _NAME_RE.match(name) or not _NAME_RE.match(namespace):
             raise _HubError(400, f"Invalid repository name: {namespace}/{name}")
         repo_id = f"{namespace}/{name}"
-        url = f"{self.endpoint}/{repo_id}"
+        url = f"{base_url or self.endpoint}/{repo_id}"
         with self._lock:
             if repo_id in self._repos:
                 raise _HubError(409, "You already created this model repo", headers={"X-Repo-Url": url})
@@ -416,7 +421,9 @@ class LocalHubServer:
             )
         return {"files": answer, "commitOid": commit.oid}
 
-    def _commit(self, repo_id: str, revision: str, lines: list[dict[str, Any]], user: str) -> dict[str, Any]:
+    def _commit(
+        self, repo_id: str, revision: str, lines: list[dict[str, Any]], user: str, base_url: str | None = None
+    ) -> dict[str, Any]:
         if not lines or lines[0].get("key") != "header":
             raise _HubError(400, "The first ndjson line of a commit must be its header.")
         header = lines[0].get("value") or {}
@@ -441,7 +448,7 @@ class LocalHubServer:
         return {
             "success": True,
             "commitOid": commit.oid,
-            "commitUrl": f"{self.endpoint}/{repo_id}/commit/{commit.oid}",
+            "commitUrl": f"{base_url or self.endpoint}/{repo_id}/commit/{commit.oid}",
             "pullRequestUrl": None,
         }
 
@@ -506,7 +513,7 @@ class LocalHubServer:
                 entries.append(item)
         return entries
 
-    def _lfs_batch(self, repo_id: str, body: dict[str, Any], user: str) -> dict[str, Any]:
+    def _lfs_batch(self, repo_id: str, body: dict[str, Any], user: str, base_url: str | None = None) -> dict[str, Any]:
         with self._lock:
             self._get_repo(repo_id, user)
         if body.get("operation") != "upload":
@@ -524,9 +531,10 @@ class LocalHubServer:
             elif self._has_object(oid, size):
                 objects.append({"oid": oid, "size": size})  # no "actions": already stored
             else:
+                base = base_url or self.endpoint
                 actions = {
-                    "upload": {"href": f"{self.endpoint}/_lfs/upload/{oid}?size={size}"},
-                    "verify": {"href": f"{self.endpoint}/_lfs/verify"},
+                    "upload": {"href": f"{base}/_lfs/upload/{oid}?size={size}"},
+                    "verify": {"href": f"{base}/_lfs/verify"},
                 }
                 objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
         return {"transfer": "basic", "objects": objects}
@@ -683,6 +691,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     def _user(self, required: bool) -> str | None:
         return self.hub._check_token(self.headers.get("Authorization"), required)
 
+    def _base_url(self) -> str:
+        """The base URL the client addressed: the server's own, or the one a forwarding client names in
+        ``X-Forwarded-Host`` / ``X-Forwarded-Proto`` (so that the URLs in the answers are the client's)."""
+        host, proto = self.headers.get("X-Forwarded-Host"), self.headers.get("X-Forwarded-Proto") or "http"
+        if host and _FORWARDED_HOST_RE.match(host) and proto in ("http", "https"):
+            return f"{proto}://{host}"
+        return self.hub.endpoint
+
     # ------------------------------------------------------------------ routes
     def _route(self, method: str) -> None:
         hub = self.hub
@@ -699,7 +715,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if segs == ["api", "repos", "create"] and method == "POST":
             user = self._user(required=True)
             try:
-                return self._send_json(200, hub._create_repo(self._json_body(), user or hub.user))
+                return self._send_json(200, hub._create_repo(self._json_body(), user or hub.user, self._base_url()))
             except _HubError as err:
                 if err.status != 409:
                     raise
@@ -729,7 +745,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 if query.get("create_pr", ["0"])[0] not in ("0", "", "false", "False"):
                     raise _HubError(400, "LocalHubServer does not support pull requests (create_pr).")
                 lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
-                return self._send_json(200, hub._commit(repo_id, rest[1], lines, user or hub.user))
+                return self._send_json(200, hub._commit(repo_id, rest[1], lines, user or hub.user, self._base_url()))
             if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
                 user = self._user(required=False)
                 recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
@@ -754,7 +770,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             and segs[2:] == ["info", "lfs", "objects", "batch"]
         ):
             user = self._user(required=True)
-            answer = hub._lfs_batch(f"{segs[0]}/{segs[1][:-4]}", self._json_body(), user or hub.user)
+            answer = hub._lfs_batch(f"{segs[0]}/{segs[1][:-4]}", self._json_body(), user or hub.user, self._base_url())
             return self._send_json(200, answer, content_type="application/vnd.git-lfs+json")
 
         if method in ("GET", "HEAD") and len(segs) >= 5 and segs[2] == "resolve":
@@ -825,12 +841,75 @@ def _whoami(user: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- pointing the client at the server
 _MISSING = object()
-_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-def _endpoint_patches(endpoint: str, offline: bool) -> tuple[dict[str, str], list[tuple[Any, str, Any]]]:
-    """Environment variables and ``(object, attribute, value)`` to set for ``huggingface_hub`` to use ``endpoint``."""
-    import huggingface_hub.hf_api as hf_api
+class _RefusedHost(RuntimeError):
+    """A request to a host that is neither the Hub nor the local server (tests never leave the machine)."""
+
+
+def _forwarding_client_factory(endpoint: str):
+    """A ``huggingface_hub`` HTTP client factory whose clients send the Hub's requests to ``endpoint``.
+
+    Requests to the client's configured Hub host (``constants.ENDPOINT``, read when the client is made) go to the
+    local server, with ``X-Forwarded-Host`` / ``X-Forwarded-Proto`` naming the address the client used, so that the
+    URLs in the answers (repository, commit and LFS upload URLs) are the ones the client expects; the response keeps
+    the original request. Requests to the server itself pass through; any other host is refused. Environment proxies
+    are not used (an explicit transport ignores them). Like the default client, it refuses every request in offline
+    mode, follows redirects and has no timeout.
+    """
+    import httpx2
+    from huggingface_hub import constants, is_offline_mode
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    target = httpx2.URL(endpoint)
+
+    class ForwardingTransport(httpx2.BaseTransport):
+        def __init__(self) -> None:
+            self.hub_host = (urlsplit(constants.ENDPOINT).hostname or "").lower()
+            self.transport = httpx2.HTTPTransport()
+
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            url = request.url
+            if url.host == self.hub_host and (url.host, url.port) != (target.host, target.port):
+                headers = request.headers.copy()
+                headers["Host"] = target.netloc.decode("ascii")
+                headers["X-Forwarded-Host"] = url.netloc.decode("ascii")
+                headers["X-Forwarded-Proto"] = url.scheme
+                url = url.copy_with(scheme=target.scheme, host=target.host, port=target.port)
+                request = httpx2.Request(
+                    request.method, url, headers=headers, stream=request.stream, extensions=request.extensions
+                )
+            elif (url.host, url.port) != (target.host, target.port):
+                raise _RefusedHost(f"The client pointed at {endpoint} does not reach other hosts; got {url}.")
+            return self.transport.handle_request(request)
+
+        def close(self) -> None:
+            self.transport.close()
+
+    def refuse_offline(request: httpx2.Request) -> None:
+        if is_offline_mode():
+            raise OfflineModeIsEnabled(f"Cannot reach {request.url}: offline mode is enabled.")
+
+    def factory() -> httpx2.Client:
+        return httpx2.Client(
+            transport=ForwardingTransport(),
+            event_hooks={"request": [refuse_offline]},
+            follow_redirects=True,
+            timeout=None,
+        )
+
+    return factory
+
+
+def _current_client_factory():
+    """The client factory in use, to give back to ``set_client_factory`` afterwards (there is no public getter)."""
+    from huggingface_hub.utils import _http
+
+    return _http._GLOBAL_CLIENT_FACTORY
+
+
+def _client_settings(endpoint: str, offline: bool) -> tuple[dict[str, str], list[tuple[Any, str, Any]]]:
+    """Environment variables (for subprocesses) and the ``huggingface_hub.constants`` without a runtime setting."""
     from huggingface_hub import constants
 
     host = urlsplit(endpoint).hostname or "127.0.0.1"
@@ -842,69 +921,66 @@ def _endpoint_patches(endpoint: str, offline: bool) -> tuple[dict[str, str], lis
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
     }
-    attributes: list[tuple[Any, str, Any]] = [
-        (constants, "ENDPOINT", endpoint),
-        (constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"),
-        (constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host})),
+    constant_values: list[tuple[Any, str, Any]] = [
         (constants, "HF_HUB_DISABLE_XET", True),
         (constants, "HF_HUB_OFFLINE", offline),
-        (hf_api.api, "endpoint", endpoint),
     ]
-    return env, attributes
-
-
-def _reset_http_session_if_proxied() -> None:
-    """The shared HTTP client reads the proxy settings when created: drop it so that ``NO_PROXY`` changes apply."""
-    if any(os.environ.get(key) for key in _PROXY_VARIABLES):
-        from huggingface_hub.utils import _http
-
-        _http.close_session()
+    return env, constant_values
 
 
 @contextmanager
 def use_hub_endpoint(endpoint: str, *, offline: bool = False) -> Iterator[str]:
     """Point the (already imported) ``huggingface_hub`` client at ``endpoint``; restore everything on exit.
 
-    ``huggingface_hub`` reads ``HF_ENDPOINT`` once, when it is imported, into ``constants.ENDPOINT``, the download URL
-    template ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and the default ``HfApi`` instance behind the module-level
-    functions (``create_repo``, ``upload_folder``, ``model_info``, ... as used by ``diffusers``' ``push_to_hub``).
-    Setting the environment variable after the import changes none of them, so this patches:
+    ``huggingface_hub`` reads its environment variables once, when it is imported. Where it has a public setting,
+    this uses it; the rest it sets and restores by hand:
 
-    * ``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` and ``constants.HF_URL_HOSTS``;
-    * ``huggingface_hub.hf_api.api.endpoint`` (the shared default ``HfApi``);
-    * ``constants.HF_HUB_DISABLE_XET = True``: with ``hf_xet`` installed the client would upload through the Xet
-      protocol (decided on the client side only, see ``_commit_api._upload_files`` and ``upload_folder``), which a
-      local server does not speak; disabling it makes the client use the regular + LFS paths;
-    * ``constants.HF_HUB_OFFLINE`` (to ``offline``): the client refuses every request in offline mode;
-    * the environment variables ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``, ``HF_HUB_OFFLINE`` (for subprocesses) and
-      ``NO_PROXY`` (the loopback host is added so that a configured proxy is bypassed).
+    * the HTTP client, through the public ``huggingface_hub.set_client_factory``: its clients send every request
+      for the configured Hub host (``https://huggingface.co`` unless ``HF_ENDPOINT`` said otherwise at import) to
+      ``endpoint``, refuse any other host but ``endpoint`` itself and ignore environment proxies. So the module-level
+      functions (``create_repo``, ``upload_folder``, ``hf_hub_download``, ``snapshot_download``, ... as called by
+      ``transformers.Trainer.push_to_hub`` and diffusers' ``push_to_hub`` / ``from_pretrained``) and every
+      ``HfApi()``, made before or inside the block, reach the local server while ``constants.ENDPOINT`` and
+      ``HfApi().endpoint`` keep their value. Code that takes an endpoint can be given ``endpoint`` directly
+      (``HfApi(endpoint=...)``, ``hf_hub_download(..., endpoint=...)``, ``snapshot_download(endpoint=...)``). On exit
+      the previous factory is set again (read from ``huggingface_hub.utils._http``, which has no public getter);
+    * the environment variables ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``, ``HF_HUB_OFFLINE`` and ``NO_PROXY`` (the
+      loopback host added), read at import by ``huggingface_hub`` in a subprocess, which then talks to ``endpoint``
+      directly;
+    * ``constants.HF_HUB_OFFLINE`` (to ``offline``), which has no runtime setting: the client refuses every request
+      while it is true, and the tests' ``conftest.py`` turns it on for the session;
+    * ``constants.HF_HUB_DISABLE_XET = True``, which has no runtime or per-call setting: with ``hf_xet`` installed the
+      client uploads through the Xet protocol, decided on the client side only (``is_xet_available``), which a
+      local server does not speak; disabled, the client uses the regular and LFS paths the server implements.
 
-    ``HfApi`` instances created inside the block use the new endpoint; instances created before keep their own.
-    Values patched by someone else *inside* the block are overwritten by the restoration on exit: in pytest, prefer
-    the ``local_hub`` fixture, which applies the same patches through ``monkeypatch``.
+    Values set by someone else *inside* the block are overwritten by the restoration on exit: in pytest, prefer the
+    ``local_hub`` fixture, which applies the same settings through ``monkeypatch``.
     """
+    from huggingface_hub import set_client_factory
+
     endpoint = endpoint.rstrip("/")
-    env, attributes = _endpoint_patches(endpoint, offline)
+    env, constant_values = _client_settings(endpoint, offline)
     saved_env = {key: os.environ.get(key) for key in env}
-    saved_attributes = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in attributes]
+    saved_constants = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in constant_values]
+    saved_factory = _current_client_factory()
     try:
         os.environ.update(env)
-        for obj, name, value in attributes:
+        for obj, name, value in constant_values:
             setattr(obj, name, value)
-        _reset_http_session_if_proxied()
+        set_client_factory(_forwarding_client_factory(endpoint))
         yield endpoint
     finally:
+        set_client_factory(saved_factory)
         for key, old in saved_env.items():
             if old is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
-        for obj, name, old in reversed(saved_attributes):
+        for obj, name, old in reversed(saved_constants):
             if old is _MISSING:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
-        _reset_http_session_if_proxied()
 
 
 # ---------------------------------------------------------------------- pytest fixtures
@@ -929,10 +1005,13 @@ if pytest is not None:
 
         Online: ``HF_HUB_OFFLINE=0`` and ``huggingface_hub.constants.HF_HUB_OFFLINE = False`` for this test only
         (``tests/conftest.py`` turns the offline mode on for the session). Nothing is read from or written to the
-        user's Hugging Face cache or token: ``HF_HOME``/``HF_HUB_CACHE`` (and the matching
-        ``huggingface_hub.constants``) point at a temporary directory and ``HF_TOKEN`` is unset.
+        user's Hugging Face cache or token: ``HF_HOME``/``HF_HUB_CACHE`` point at a temporary directory and
+        ``HF_TOKEN`` is unset. ``huggingface_hub`` reads those variables at import only, and its cache and token
+        paths have no runtime setting, so the matching ``constants`` (``HF_HOME``, ``HF_HUB_CACHE``,
+        ``HF_TOKEN_PATH``, ``HF_STORED_TOKENS_PATH``) are set too, for the downloads and uploads that take no
+        ``cache_dir`` / ``token`` argument (``from_pretrained`` without ``cache_dir``, ``Trainer.push_to_hub``).
         """
-        from huggingface_hub import constants
+        from huggingface_hub import constants, set_client_factory
 
         home = tmp_path_factory.mktemp("hf-home")
         cache = home / "hub"
@@ -944,13 +1023,16 @@ if pytest is not None:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
         monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-        # the same patches as ``use_hub_endpoint``, through ``monkeypatch`` so that they unwind in order with the
+        # the same settings as ``use_hub_endpoint``, through ``monkeypatch`` so that they unwind in order with the
         # test's own ``monkeypatch`` calls (e.g. ``monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)``)
-        env, attributes = _endpoint_patches(hub_server.endpoint, offline=False)
+        env, constant_values = _client_settings(hub_server.endpoint, offline=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        for obj, name, value in attributes:
+        for obj, name, value in constant_values:
             monkeypatch.setattr(obj, name, value)
-        _reset_http_session_if_proxied()
-        yield hub_server
-        _reset_http_session_if_proxied()
+        saved_factory = _current_client_factory()
+        set_client_factory(_forwarding_client_factory(hub_server.endpoint))
+        try:
+            yield hub_server
+        finally:
+            set_client_factory(saved_factory)

@@ -31,8 +31,9 @@ test: setup-tests
 test-fast: setup-tests
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -x --timeout=900 tests -m "not slow"
 
-lint:
-	$(VENV)/bin/ruff check src tests benchmarks
+lint: $(VENV)/.created
+	$(PIP) install --quiet "ruff>=0.6"
+	$(VENV)/bin/ruff check src tests benchmarks trainers spaces
 
 bench: setup-tests
 	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done

@@ -143,7 +143,7 @@ def test_endless_window_stream_has_flat_memory(pipe):
                          **SIZE)
     sizes = []
     for i, _ in enumerate(stream):
-        sizes.append((stream.cache.nbytes, len(stream._state.clean)))
+        sizes.append((stream.cache.nbytes, len(stream._state.contexts)))
         if i == 24:
             break
     assert len(set(sizes[4:])) == 1

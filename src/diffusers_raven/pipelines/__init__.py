@@ -1,9 +1,9 @@
+from .chunk_sampler import ChunkTrajectory
 from .pipeline_causal_video import (
     CausalVideoChunk,
     CausalVideoPipeline,
     CausalVideoPipelineOutput,
     CausalVideoStream,
-    ChunkTrajectory,
 )
 from .vae_streaming import StreamingVAEDecoder, denormalize_latents, normalize_latents
 

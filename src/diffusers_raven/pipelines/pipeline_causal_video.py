@@ -1,16 +1,14 @@
 """CausalVideoPipeline: streaming text-to-video generation with a causal Wan transformer and a KV cache.
 
-The algorithm (METHOD.md §1–§2), per chunk of ``num_frames_per_chunk`` latent frames:
+The algorithm (METHOD.md §1–§2) is the package's one chunk loop, ``ChunkSampler`` of :mod:`.chunk_sampler`: per chunk
+of ``num_frames_per_chunk`` latent frames it draws the chunk's noise, runs the few-step schedule with the transformer
+attending to the KV cache, then writes the chunk's context (its output, noised to the ``context_noise`` timestep) to the
+cache in one more pass, skipped after the last chunk of a finite video, which nothing reads. Between two chunks the
+pipeline adds what a stream needs: a prompt switch (LongLive re-cache of the contexts the visible frames were written
+with, METHOD §2) and decoding with the streaming VAE decoder, whose causal-convolution cache persists between chunks.
 
-1. draw the chunk's noise ``x_{σ_0}``;
-2. for every step of the consistency schedule, predict ``x̂0`` with the transformer attending to the KV cache, and
-   step to the next sigma with fresh noise (the last step returns ``x̂0``);
-3. run the finished chunk once more at the context-noise timestep with ``update_cache=True`` (the only pass that
-   writes the cache; skipped for the last chunk of a finite video, which nothing reads);
-4. decode the chunk with the streaming VAE decoder (its causal-convolution cache persists between chunks).
-
-``__call__`` returns a whole video; :meth:`CausalVideoPipeline.stream` yields decoded chunks as they are made, for a
-fixed length or endlessly (``num_frames=None``), and can switch prompt mid-stream (LongLive re-cache, METHOD §2).
+:meth:`CausalVideoPipeline.stream` yields decoded chunks as they are made, for a fixed length or endlessly
+(``num_frames=None``), and can switch prompt mid-stream; ``__call__`` puts the chunks of a stream end to end.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
@@ -34,34 +32,66 @@ from ..models import CausalWanTransformer3DModel, KVCache
 from ..models.kv_cache import check_window, visible_history
 from ..schedulers import ConsistencyFlowMatchScheduler, FlowMatchSDEScheduler
 from ..utils.text import encode_prompts
-from .vae_streaming import StreamingVAEDecoder, denormalize_latents, vae_spatial_factor, vae_temporal_factor
+from .chunk_sampler import CacheDenoiser, ChunkSampler, ChunkTrajectory
+from .vae_streaming import (
+    StreamingVAEDecoder,
+    denormalize_latents,
+    frames_for_latents,
+    vae_spatial_factor,
+    vae_temporal_factor,
+)
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
+_STREAM_ARGUMENTS_DOC = r"""            prompt (`str` or `list[str]`): the prompt(s); with ``switch_frames``, a schedule of prompts, one per segment.
+            negative_prompt (`str` or `list[str]`, *optional*): used only when ``guidance_scale > 1``, for every prompt
+                of the stream.
+            height, width (`int`, *optional*): output size in pixels (multiples of VAE factor × patch size; default:
+                the size the model was trained at, ``sample_height`` / ``sample_width`` of the config).
+            num_frames (`int`, *optional*): output frames, ``1 + 4·(chunk·n − 1)`` (e.g. 21 or 81 for 3-frame chunks;
+                ``__call__``'s default is 21). ``None`` (``stream``'s default) streams until the caller stops iterating,
+                with constant memory: ``window_frames`` is then required and RoPE defaults to ``"relative"``.
+            num_inference_steps (`int`, *optional*): steps per chunk (default: the scheduler's 4-step schedule).
+            sigmas (`list[float]`, *optional*): explicit sigmas per chunk (overrides ``num_inference_steps``).
+            guidance_scale (`float`): classifier-free guidance; 1 (distilled models) runs a single branch.
+            generator (`torch.Generator`, *optional*): for reproducible noise.
+            latents (`torch.Tensor`, *optional*): the initial noise of every chunk, ``[B, C, F_latent, h, w]``.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder states (with
+                ``switch_frames``, ``prompt_embeds`` is a list, one tensor per segment); the negative ones, as
+                ``negative_prompt``, only with guidance and for every prompt.
+            output_type (`str`): ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end (`Callable`, *optional*): called after every step as
+                ``callback(pipe, step, timestep, callback_kwargs)``; may return a modified ``latents``.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in ``callback_kwargs``.
+            max_sequence_length (`int`, *optional*): padded text tokens; default: the tokenizer's ``model_max_length``
+                when at most 512 (what the bundled model was trained with), else 512.
+            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. LoRA ``scale``).
+            window_frames, sink_frames (`int`, *optional*): attention window and sinks, in latent frames (METHOD §2).
+            context_noise (`float`): timestep of the context pass that writes the cache (0 = clean; METHOD §1).
+            switch_frames (`list[int]`, *optional*): output frames at which the next prompt of the schedule takes
+                over; a switch applies from the first chunk starting at or after that frame.
+            rope (`str`, *optional*): ``"absolute"`` or ``"relative"`` cache positions (see :class:`KVCache`).
+            return_trajectory (`bool`): also return each chunk's sampling record (:class:`ChunkTrajectory`: the input
+                and prediction of every step, the output, and the context latents written to the cache).
+"""
 
-@dataclass
-class ChunkTrajectory(BaseOutput):
-    """What one chunk's sampling did: the record trainers replay (METHOD §1, §4, §6).
 
-    Attributes:
-        sigmas: the schedule ``[σ_0, …, σ_{S-1}, 0]``.
-        noisy: ``[S, B, C, f, h, w]``, the input ``x_{σ_k}`` of every step.
-        pred_original: ``[S, B, C, f, h, w]``, the prediction ``x̂0`` of every step.
-        transitions: one :class:`GaussianTransition` per non-final step (``None`` for the last step).
-        clean: ``[B, C, f, h, w]``, the chunk's output (the last ``x̂0``).
-        frame_start: the chunk's first latent frame.
-        prompt_index: index of the prompt in effect (prompt schedules).
-    """
+def _with_stream_arguments(method: Callable) -> Callable:
+    """Insert the arguments ``__call__`` and ``stream`` share (``_STREAM_ARGUMENTS_DOC``) after the ``Args:`` line of
+    ``method``'s docstring, as diffusers' ``replace_example_docstring`` inserts examples: written once, shown by both."""
+    head, args_line, tail = method.__doc__.partition("        Args:\n")
+    if not args_line:
+        raise ValueError(f"The docstring of {method.__qualname__} has no `Args:` line.")
+    method.__doc__ = head + args_line + _STREAM_ARGUMENTS_DOC + tail
+    return method
 
-    sigmas: torch.Tensor
-    noisy: torch.Tensor
-    pred_original: torch.Tensor
-    transitions: list
-    clean: torch.Tensor
-    frame_start: int
-    prompt_index: int = 0
+
+#: A prompt taking over at some chunk: (index in the prompt schedule, prompt embeds, negative prompt embeds or None).
+_PromptSegment = tuple[int, torch.Tensor, torch.Tensor | None]
+#: ``(prompt, prompt_embeds) -> (prompt embeds, negative prompt embeds or None)`` with a stream's text settings.
+_PromptEncoder = Callable[[str | list[str] | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -104,36 +134,40 @@ class CausalVideoPipelineOutput(BaseOutput):
 
 @dataclass
 class _StreamState:
-    """Mutable state of one stream (everything a chunk needs from the chunks before it)."""
+    """What a stream carries from one chunk to the next (and what ``CausalVideoStream.switch_prompt`` changes).
 
-    cache: KVCache
+    ``denoiser`` holds the KV cache and the prompt in effect; ``contexts`` the context latents (one ``[B, C, 1, h, w]``
+    tensor per latent frame) of the frames the next chunk sees, which a prompt switch re-caches.
+    """
+
+    denoiser: CacheDenoiser
     decoder: StreamingVAEDecoder
-    embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
-    latent_shape: tuple[int, int, int, int]
-    total_latent_frames: int | None
-    generator: Any
+    num_latent_frames: int | None
     frame: int = 0
     chunk_index: int = 0
-    output_frames: int = 0
+    output_frame: int = 0
     prompt_index: int = 0
-    clean: dict[int, torch.Tensor] = field(default_factory=dict)
-    pending_prompt: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+    contexts: dict[int, torch.Tensor] = field(default_factory=dict)
+    pending_prompt: _PromptSegment | None = None
 
 
 class CausalVideoStream:
     """An iterator over the chunks of a stream, with a handle to switch prompt mid-stream.
 
     Returned by :meth:`CausalVideoPipeline.stream`. ``switch_prompt(prompt)`` makes the next chunk (and the ones after
-    it) follow ``prompt``: the text cache is dropped and the self-attention cache is rebuilt from the clean frames it
-    showed (METHOD §2).
+    it) follow ``prompt``: the text cache is dropped and the self-attention cache is rebuilt under the new prompt from
+    the context latents the visible frames were written with (METHOD §2).
     """
 
-    def __init__(self, pipeline: CausalVideoPipeline, chunks: Iterator[CausalVideoChunk], state: _StreamState, **enc):
-        self._pipeline = pipeline
+    def __init__(
+        self,
+        chunks: Iterator[CausalVideoChunk],
+        state: _StreamState,
+        encode_prompt: _PromptEncoder,
+    ) -> None:
         self._chunks = chunks
         self._state = state
-        self._encode = enc
+        self._encode_prompt = encode_prompt
 
     def __iter__(self) -> CausalVideoStream:
         return self
@@ -144,7 +178,7 @@ class CausalVideoStream:
 
     @property
     def cache(self) -> KVCache:
-        return self._state.cache
+        return self._state.denoiser.kv_cache
 
     @property
     def latent_frame(self) -> int:
@@ -153,11 +187,10 @@ class CausalVideoStream:
 
     def switch_prompt(self, prompt: str | list[str] | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
         """Switch to a new prompt from the next chunk on."""
-        embeds, negative = self._pipeline._encode_for_stream(prompt, prompt_embeds, **self._encode)
-        if embeds.shape[0] != self._state.embeds.shape[0]:
-            raise ValueError(
-                f"The new prompt has batch {embeds.shape[0]}, the stream {self._state.embeds.shape[0]}."
-            )
+        embeds, negative = self._encode_prompt(prompt, prompt_embeds)
+        batch = self._state.denoiser.prompt_embeds.shape[0]
+        if embeds.shape[0] != batch:
+            raise ValueError(f"The new prompt has batch {embeds.shape[0]}, the stream {batch}.")
         self._state.pending_prompt = (self._state.prompt_index + 1, embeds, negative)
 
     def close(self) -> None:
@@ -172,7 +205,7 @@ class CausalVideoPipeline(DiffusionPipeline):
         text_encoder ([`~transformers.UMT5EncoderModel`]): frozen text encoder.
         transformer ([`CausalWanTransformer3DModel`]): the causal video transformer.
         vae ([`~diffusers.AutoencoderKLWan`]): the Wan video autoencoder.
-        scheduler ([`ConsistencyFlowMatchScheduler`] or [`FlowMatchSDEScheduler`]): the chunk sampler.
+        scheduler ([`ConsistencyFlowMatchScheduler`] or [`FlowMatchSDEScheduler`]): the step rule of the chunk sampler.
         sample_height, sample_width (`int`, *optional*): the video size the model was trained at, used when
             `height` / `width` are not given.
     """
@@ -218,6 +251,26 @@ class CausalVideoPipeline(DiffusionPipeline):
                 ) from err
         return super().from_pretrained(path, **kwargs)
 
+    # ------------------------------------------------------------------ sizes
+    @property
+    def chunk_frames(self) -> int:
+        return self.transformer.config.num_frames_per_chunk
+
+    @property
+    def default_height(self) -> int:
+        """``sample_height`` of the config, else 8 patches of latent height."""
+        sample = getattr(self.config, "sample_height", None)
+        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+
+    @property
+    def default_width(self) -> int:
+        sample = getattr(self.config, "sample_width", None)
+        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[2]
+
+    def latent_frames_for(self, num_frames: int) -> int:
+        """Latent frames of a video of ``num_frames`` output frames."""
+        return (num_frames - 1) // self.vae_scale_factor_temporal + 1
+
     # ------------------------------------------------------------------ text
     def default_max_sequence_length(self, max_sequence_length: int | None = None) -> int:
         """``max_sequence_length`` itself, or for ``None`` the tokenizer's ``model_max_length`` if at most 512, else
@@ -261,40 +314,68 @@ class CausalVideoPipeline(DiffusionPipeline):
             )
         return prompt_embeds, negative_prompt_embeds
 
-    def _encode_for_stream(
-        self, prompt, prompt_embeds, negative_prompt, guidance_scale, max_sequence_length, negative_prompt_embeds=None
-    ):
+    def _encode_stream_prompt(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        max_sequence_length: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One prompt of a stream (the first, a scheduled one, or a ``switch_prompt``) in the transformer's dtype; the
+        negative embeds only when guidance is on."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
         if isinstance(prompt, str) and not prompt.strip():
             raise ValueError("`prompt` is empty.")
+        do_classifier_free_guidance = guidance_scale > 1.0
         with torch.no_grad():
-            return self.encode_prompt(
+            embeds, negative = self.encode_prompt(
                 prompt,
                 negative_prompt,
-                guidance_scale > 1.0,
+                do_classifier_free_guidance,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
                 max_sequence_length=max_sequence_length,
                 dtype=self.transformer.dtype,
             )
+        return embeds, negative if do_classifier_free_guidance else None
+
+    def _encode_prompt_schedule(
+        self,
+        encode: _PromptEncoder,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | list[torch.Tensor] | None,
+        switch_frames: list[int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, _PromptSegment]]:
+        """The first prompt's embeds (and negative embeds), and the later prompts of a schedule keyed by the index of
+        the chunk they start at (the first chunk starting at or after their switch frame)."""
+        if switch_frames is None:
+            return (*encode(prompt, prompt_embeds), {})
+        prompts = prompt if prompt is not None else [None] * (len(switch_frames) + 1)
+        embeds = prompt_embeds if prompt_embeds is not None else [None] * len(prompts)
+        segments = [encode(p, e) for p, e in zip(prompts, embeds)]
+        schedule = {
+            self._first_chunk_from(frame): (index, *segments[index])
+            for index, frame in enumerate(switch_frames, start=1)
+        }
+        return (*segments[0], schedule)
+
+    def _first_chunk_from(self, output_frame: int) -> int:
+        """Index of the first chunk that starts at or after output frame ``output_frame``."""
+        latent = self.latent_frames_for(output_frame) if output_frame > 0 else 0
+        return -(-latent // self.chunk_frames)
 
     # ------------------------------------------------------------------ checks
-    @property
-    def chunk_frames(self) -> int:
-        return self.transformer.config.num_frames_per_chunk
-
-    def latent_frames_for(self, num_frames: int) -> int:
-        """Latent frames of a video of ``num_frames`` output frames."""
-        return (num_frames - 1) // self.vae_scale_factor_temporal + 1
-
     def check_inputs(
         self,
-        prompt,
-        prompt_embeds,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | list[torch.Tensor] | None,
         height: int,
         width: int,
         num_frames: int | None,
+        latents: torch.Tensor | None,
         window_frames: int | None,
         sink_frames: int,
         switch_frames: list[int] | None,
@@ -325,6 +406,8 @@ class CausalVideoPipeline(DiffusionPipeline):
                     f"{1 + t * (chunk * 7 - 1)}."
                 )
         check_window(window_frames, sink_frames, chunk)
+        if num_frames is None and window_frames is None:
+            raise ValueError("An endless stream (`num_frames=None`) needs `window_frames` to keep memory bounded.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if callback_on_step_end_tensor_inputs is not None and not all(
@@ -334,8 +417,9 @@ class CausalVideoPipeline(DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
                 f"{callback_on_step_end_tensor_inputs}."
             )
-        if not 0 <= context_noise < self.scheduler.config.num_train_timesteps:
-            raise ValueError(f"`context_noise` is a timestep in [0, 1000), got {context_noise!r}.")
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if not 0 <= context_noise < num_train_timesteps:
+            raise ValueError(f"`context_noise` is a timestep in [0, {num_train_timesteps}), got {context_noise!r}.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
         if switch_frames is not None:
@@ -355,302 +439,140 @@ class CausalVideoPipeline(DiffusionPipeline):
             for p in [prompt] if isinstance(prompt, str) else (prompt or []):
                 if not isinstance(p, str) or not p.strip():
                     raise ValueError(f"`prompt` must be non-empty text, got {p!r}.")
+        if latents is not None:
+            first = prompt_embeds if prompt_embeds is not None else prompt  # the embeds win, as in `encode_prompt`
+            first = first[0] if switch_frames is not None else first  # a schedule: its first segment
+            batch = 1 if isinstance(first, str) else len(first)
+            h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+            frames = None if num_frames is None else self.latent_frames_for(num_frames)
+            expected = (batch, self.transformer.config.in_channels, frames, h, w)
+            if num_frames is None or tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {list(expected)} (and `num_frames` must be set).")
 
-    def _switch_chunk(self, output_frame: int) -> int:
-        """Index of the first chunk that starts at or after output frame ``output_frame``."""
-        t, chunk = self.vae_scale_factor_temporal, self.chunk_frames
-        latent = 0 if output_frame <= 0 else (output_frame - 1) // t + 1
-        return -(-latent // chunk)
-
-    # ------------------------------------------------------------------ the chunk loop
-    def _prepare_stream(
+    # ------------------------------------------------------------------ preparation
+    def prepare_kv_cache(
         self,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        num_frames,
-        generator,
-        prompt_embeds,
-        negative_prompt_embeds,
-        guidance_scale,
-        max_sequence_length,
-        window_frames,
-        sink_frames,
-        rope,
-        switch_frames,
-    ) -> tuple[_StreamState, dict[int, tuple[int, torch.Tensor, torch.Tensor | None]]]:
-        schedule = {}
-        if switch_frames is not None:
-            prompts = prompt if prompt is not None else [None] * (len(switch_frames) + 1)
-            embeds_list = prompt_embeds if prompt_embeds is not None else [None] * len(prompts)
-            encoded = [
-                self._encode_for_stream(p, e, negative_prompt, guidance_scale, max_sequence_length)
-                for p, e in zip(prompts, embeds_list)
-            ]
-            for index, frame in enumerate(switch_frames, start=1):
-                schedule[self._switch_chunk(frame)] = (index, *encoded[index])
-            embeds, negative = encoded[0]
-        else:
-            embeds, negative = self._encode_for_stream(
-                prompt, prompt_embeds, negative_prompt, guidance_scale, max_sequence_length, negative_prompt_embeds
-            )
-        batch = embeds.shape[0]
-        if rope is None:
-            rope = "relative" if num_frames is None else "absolute"
-        cache = KVCache.for_model(
+        batch_size: int,
+        do_classifier_free_guidance: bool,
+        window_frames: int | None,
+        sink_frames: int,
+        rope: str,
+    ) -> KVCache:
+        """An empty KV cache for a stream: one row per sample and guidance branch (METHOD §2)."""
+        return KVCache.for_model(
             self.transformer,
-            batch * (2 if guidance_scale > 1.0 else 1),
+            batch_size * (2 if do_classifier_free_guidance else 1),
             window_frames=window_frames,
             sink_frames=sink_frames,
             rope=rope,
         )
-        h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        state = _StreamState(
-            cache=cache,
-            decoder=StreamingVAEDecoder(self.vae),
-            embeds=embeds,
-            negative_embeds=negative,
-            latent_shape=(batch, self.transformer.config.in_channels, h, w),
-            total_latent_frames=None if num_frames is None else self.latent_frames_for(num_frames),
-            generator=generator,
-        )
-        return state, schedule
 
-    def _model_embeds(self, state: _StreamState) -> torch.Tensor:
-        if state.negative_embeds is None:
-            return state.embeds
-        return torch.cat([state.negative_embeds, state.embeds])
+    def _step_end_hook(
+        self,
+        denoiser: CacheDenoiser,
+        progress: tqdm,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> Callable[[int, int, float, torch.Tensor], torch.Tensor]:
+        """The sampler's per-step hook: advance the progress bar and call ``callback_on_step_end`` (diffusers'
+        signature, with the step counted over the whole stream and the step's entry of ``scheduler.timesteps``),
+        whose ``latents`` replace the step's output."""
+        timesteps = self.scheduler.timesteps
+        num_steps = len(timesteps)
 
-    def _predict(self, state, latents, timestep, guidance_scale, frame, attention_kwargs, update_cache=False):
-        batched = torch.cat([latents, latents]) if state.negative_embeds is not None else latents
-        t = torch.full((batched.shape[0],), float(timestep), device=latents.device)
-        velocity = self.transformer(
-            batched,
-            t,
-            self._model_embeds(state),
-            kv_cache=state.cache,
-            frame_offset=frame,
-            update_cache=update_cache,
-            attention_kwargs=attention_kwargs,
-        ).sample
-        if state.negative_embeds is None:
-            return velocity
-        uncond, cond = velocity.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        def step_end(chunk_index: int, step: int, timestep: float, latents: torch.Tensor) -> torch.Tensor:
+            progress.update()
+            if callback_on_step_end is None:
+                return latents
+            tensors = {"latents": latents, "prompt_embeds": denoiser.prompt_embeds}
+            outputs = callback_on_step_end(
+                self,
+                chunk_index * num_steps + step,
+                timesteps[step],
+                {name: tensors[name] for name in callback_on_step_end_tensor_inputs},
+            )
+            return outputs.pop("latents", latents)
 
-    def _recache(self, state: _StreamState, context_timestep: float, attention_kwargs) -> None:
-        """Prompt switch (LongLive re-cache): rebuild the self-attention cache of the visible clean frames."""
-        cache = state.cache
-        frames = list(visible_history(state.frame, self.chunk_frames, cache.window_frames, cache.sink_frames))
-        frames = [f for f in frames if f in state.clean]
-        cache.reset()
-        chunk = self.chunk_frames
-        for start in range(0, state.frame, chunk):
-            run = [f for f in frames if start <= f < start + chunk]
-            if not run:
-                continue
-            latents = torch.cat([state.clean[f] for f in run], dim=2)
-            self._predict(state, latents, context_timestep, 1.0, run[0], attention_kwargs, update_cache=True)
+        return step_end
 
-    def _chunks(
+    def _progress(self, num_latent_frames: int | None) -> tqdm:
+        """A bar over every step of the video, or a counter without a total for an endless stream."""
+        if num_latent_frames is None:
+            return tqdm(total=None, **getattr(self, "_progress_bar_config", {}))
+        num_chunks = -(-num_latent_frames // self.chunk_frames)
+        return self.progress_bar(total=len(self.scheduler.timesteps) * num_chunks)
+
+    # ------------------------------------------------------------------ the chunk loop
+    def _switch_prompt_if_due(
+        self, state: _StreamState, sampler: ChunkSampler, prompt_schedule: dict[int, _PromptSegment]
+    ) -> None:
+        """Before a chunk: apply a scheduled or requested prompt switch (LongLive re-cache, METHOD §2). The text cache
+        is dropped, and the self-attention cache is rebuilt under the new prompt from the context latents the visible
+        frames were written with (their context noise included), so it holds what a stream under the new prompt would
+        have written for them."""
+        switch = prompt_schedule.get(state.chunk_index) or state.pending_prompt
+        if switch is None:
+            return
+        state.pending_prompt = None
+        state.prompt_index, state.denoiser.prompt_embeds, state.denoiser.negative_prompt_embeds = switch
+        state.denoiser.kv_cache.reset_text()
+        if state.frame:
+            sampler.recache(state.denoiser, state.contexts, self.chunk_frames)
+
+    def _keep_contexts(self, state: _StreamState, trajectory: ChunkTrajectory) -> None:
+        """Keep the chunk's context latents frame by frame, and forget the frames the next chunk no longer sees."""
+        if trajectory.context is None:  # the last chunk of a finite video: nothing follows
+            return
+        for i in range(trajectory.context.shape[2]):
+            state.contexts[trajectory.frame_start + i] = trajectory.context[:, :, i : i + 1]
+        cache = state.denoiser.kv_cache
+        if cache.window_frames is not None:
+            end = trajectory.frame_start + trajectory.clean.shape[2]
+            visible = set(visible_history(end, self.chunk_frames, cache.window_frames, cache.sink_frames))
+            state.contexts = {f: v for f, v in state.contexts.items() if f in visible}
+
+    def _decode_chunk(self, decoder: StreamingVAEDecoder, latents: torch.Tensor, output_type: str) -> Any:
+        """Decode one chunk with the stream's decoder (its causal cache continues the previous chunks)."""
+        if output_type == "latent":
+            return None
+        pixels = decoder.decode(denormalize_latents(latents.to(self.vae.dtype), self.vae))
+        return self.video_processor.postprocess_video(pixels, output_type=output_type)
+
+    def _chunk_loop(
         self,
         state: _StreamState,
-        schedule: dict,
-        num_inference_steps: int | None,
-        sigmas: list[float] | None,
-        guidance_scale: float,
-        context_noise: float,
-        latents: torch.Tensor | None,
+        sampler: ChunkSampler,
+        sampled: Iterator[ChunkTrajectory],
+        prompt_schedule: dict[int, _PromptSegment],
         output_type: str,
         return_trajectory: bool,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs: list[str],
-        attention_kwargs: dict | None,
-        progress,
+        progress: tqdm,
     ) -> Iterator[CausalVideoChunk]:
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        chunk = self.chunk_frames
-        batch, channels, h, w = state.latent_shape
-        keep = None if state.cache.window_frames is None else state.cache.window_frames
-        step_counter = 0
-        while state.total_latent_frames is None or state.frame < state.total_latent_frames:
-            # Prompt switches take effect at chunk boundaries.
-            switch = schedule.get(state.chunk_index) or state.pending_prompt
-            if switch is not None:
-                state.pending_prompt = None
-                state.prompt_index, state.embeds, state.negative_embeds = switch
-                state.cache.reset_text()
-                if state.frame:
-                    self._recache(state, context_noise, attention_kwargs)
-
-            frames = chunk
-            if state.total_latent_frames is not None:
-                frames = min(chunk, state.total_latent_frames - state.frame)
-            shape = (batch, channels, frames, h, w)
-            if latents is not None:
-                x = latents[:, :, state.frame : state.frame + frames].to(device, dtype)
-            else:
-                x = randn_tensor(shape, generator=state.generator, device=device, dtype=dtype)
-
-            self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
-            timesteps = self.scheduler.timesteps
-            record_noisy, record_x0, transitions = [], [], []
-            for t in timesteps:
-                velocity = self._predict(state, x, t, guidance_scale, state.frame, attention_kwargs)
-                out = self.scheduler.step(velocity, t, x, generator=state.generator)
-                if return_trajectory:
-                    record_noisy.append(x)
-                    record_x0.append(out.pred_original_sample)
-                    transitions.append(out.transition)
-                x = out.prev_sample
-                if callback_on_step_end is not None:
-                    kwargs = {"latents": x, "prompt_embeds": state.embeds}
-                    outputs = callback_on_step_end(
-                        self, step_counter, t, {k: kwargs[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    x = outputs.pop("latents", x)
-                step_counter += 1
-                progress.update()
-            clean = x
-
-            # Context pass: the only pass that writes the cache. The last chunk of a finite video has no reader.
-            last = state.total_latent_frames is not None and state.frame + frames >= state.total_latent_frames
-            if not last:
-                context = clean
-                if context_noise > 0:
-                    sigma = context_noise / self.scheduler.config.num_train_timesteps
-                    noise = randn_tensor(shape, generator=state.generator, device=device, dtype=dtype)
-                    context = (1 - sigma) * clean + sigma * noise
-                self._predict(state, context, context_noise, 1.0, state.frame, attention_kwargs, update_cache=True)
-
-            for i in range(frames):
-                state.clean[state.frame + i] = clean[:, :, i : i + 1]
-            if keep is not None:
-                visible = set(visible_history(state.frame + frames, chunk, keep, state.cache.sink_frames))
-                state.clean = {f: v for f, v in state.clean.items() if f in visible}
-
-            decoded = None
-            if output_type != "latent":
-                pixels = state.decoder.decode(denormalize_latents(clean.to(self.vae.dtype), self.vae))
-                decoded = self.video_processor.postprocess_video(pixels, output_type=output_type)
-            trajectory = None
-            if return_trajectory:
-                trajectory = ChunkTrajectory(
-                    sigmas=torch.tensor(self.scheduler.schedule_sigmas),
-                    noisy=torch.stack(record_noisy),
-                    pred_original=torch.stack(record_x0),
-                    transitions=transitions,
-                    clean=clean,
-                    frame_start=state.frame,
+        """Per chunk: switch prompt if due → sample the chunk (``sampled``, the sampler's own loop) → keep its
+        contexts → decode → yield."""
+        with progress:
+            while state.num_latent_frames is None or state.frame < state.num_latent_frames:
+                self._switch_prompt_if_due(state, sampler, prompt_schedule)
+                trajectory = next(sampled)
+                trajectory.prompt_index = state.prompt_index
+                self._keep_contexts(state, trajectory)
+                frames = self._decode_chunk(state.decoder, trajectory.clean, output_type)
+                num_frames = trajectory.clean.shape[2]
+                yield CausalVideoChunk(
+                    frames=frames,
+                    latents=trajectory.clean,
+                    chunk_index=state.chunk_index,
+                    frame_start=state.output_frame,
+                    latent_frame_start=state.frame,
                     prompt_index=state.prompt_index,
+                    trajectory=trajectory if return_trajectory else None,
                 )
-            frame_start = state.output_frames
-            n_out = (1 + self.vae_scale_factor_temporal * (frames - 1)) if state.frame == 0 else (
-                self.vae_scale_factor_temporal * frames
-            )
-            yield CausalVideoChunk(
-                frames=decoded,
-                latents=clean,
-                chunk_index=state.chunk_index,
-                frame_start=frame_start,
-                latent_frame_start=state.frame,
-                prompt_index=state.prompt_index,
-                trajectory=trajectory,
-            )
-            state.output_frames += n_out
-            state.frame += frames
-            state.chunk_index += 1
+                state.output_frame += frames_for_latents(num_frames, state.frame, self.vae_scale_factor_temporal)
+                state.frame += num_frames
+                state.chunk_index += 1
 
     # ------------------------------------------------------------------ public entry points
-    def _start(self, kwargs: dict) -> tuple[Iterator[CausalVideoChunk], _StreamState, dict]:
-        height, width = kwargs["height"], kwargs["width"]
-        height = height or self.default_height
-        width = width or self.default_width
-        output_type = kwargs["output_type"]
-        switch_frames = list(kwargs["switch_frames"]) if kwargs["switch_frames"] is not None else None
-        tensor_inputs = kwargs["callback_on_step_end_tensor_inputs"] or ["latents"]
-        callback = kwargs["callback_on_step_end"]
-        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-            tensor_inputs = callback.tensor_inputs
-        self.check_inputs(
-            kwargs["prompt"],
-            kwargs["prompt_embeds"],
-            height,
-            width,
-            kwargs["num_frames"],
-            kwargs["window_frames"],
-            kwargs["sink_frames"],
-            switch_frames,
-            output_type,
-            tensor_inputs,
-            kwargs["context_noise"],
-        )
-        if kwargs["num_frames"] is None and kwargs["window_frames"] is None:
-            raise ValueError("An endless stream (`num_frames=None`) needs `window_frames` to keep memory bounded.")
-        latents = kwargs["latents"]
-        state, schedule = self._prepare_stream(
-            kwargs["prompt"],
-            kwargs["negative_prompt"],
-            height,
-            width,
-            kwargs["num_frames"],
-            kwargs["generator"],
-            kwargs["prompt_embeds"],
-            kwargs["negative_prompt_embeds"],
-            kwargs["guidance_scale"],
-            kwargs["max_sequence_length"],
-            kwargs["window_frames"],
-            kwargs["sink_frames"],
-            kwargs["rope"],
-            switch_frames,
-        )
-        if latents is not None:
-            expected = (state.latent_shape[0], state.latent_shape[1], state.total_latent_frames, *state.latent_shape[2:])
-            if state.total_latent_frames is None or tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {list(expected)} (and `num_frames` must be set).")
-        steps = kwargs["num_inference_steps"]
-        self.scheduler.set_timesteps(steps, sigmas=kwargs["sigmas"])
-        total_steps = None
-        if state.total_latent_frames is not None:
-            total_steps = len(self.scheduler.timesteps) * (-(-state.total_latent_frames // self.chunk_frames))
-        if total_steps is None:  # an endless stream: a counter without a total
-            progress = tqdm(total=None, **getattr(self, "_progress_bar_config", {}))
-        else:
-            progress = self.progress_bar(total=total_steps)
-        chunks = self._chunks(
-            state,
-            schedule,
-            steps,
-            kwargs["sigmas"],
-            kwargs["guidance_scale"],
-            kwargs["context_noise"],
-            latents,
-            output_type,
-            kwargs["return_trajectory"],
-            callback,
-            tensor_inputs,
-            kwargs["attention_kwargs"],
-            progress,
-        )
-        return chunks, state, dict(
-            negative_prompt=kwargs["negative_prompt"],
-            guidance_scale=kwargs["guidance_scale"],
-            max_sequence_length=kwargs["max_sequence_length"],
-        )
-
-    @property
-    def default_height(self) -> int:
-        """``sample_height`` of the config, else 8 patches of latent height."""
-        sample = getattr(self.config, "sample_height", None)
-        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-
-    @property
-    def default_width(self) -> int:
-        sample = getattr(self.config, "sample_width", None)
-        return sample or 8 * self.vae_scale_factor_spatial * self.transformer.config.patch_size[2]
-
+    @_with_stream_arguments
     def stream(
         self,
         prompt: str | list[str] | None = None,
@@ -679,16 +601,85 @@ class CausalVideoPipeline(DiffusionPipeline):
     ) -> CausalVideoStream:
         r"""Generate a video chunk by chunk, yielding each decoded chunk as soon as it is ready.
 
-        Takes the arguments of :meth:`__call__`. With ``num_frames=None`` the stream runs until the caller stops
-        iterating (``window_frames`` is then required and RoPE defaults to ``"relative"``), with constant memory.
-        The returned :class:`CausalVideoStream` also offers ``switch_prompt()`` for interactive prompt changes.
+        The inputs are checked, the prompts encoded and the cache, decoder and sampler prepared at once; each chunk is
+        made when the returned :class:`CausalVideoStream` is asked for it. Its ``switch_prompt()`` changes the prompt
+        interactively.
+
+        Args:
         """
-        kwargs = dict(locals())
-        kwargs.pop("self")
-        chunks, state, enc = self._start(kwargs)
-        return CausalVideoStream(self, chunks, state, **enc)
+        # 1. Check inputs
+        height = height or self.default_height
+        width = width or self.default_width
+        switch_frames = list(switch_frames) if switch_frames is not None else None
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt,
+            prompt_embeds,
+            height,
+            width,
+            num_frames,
+            latents,
+            window_frames,
+            sink_frames,
+            switch_frames,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            context_noise,
+        )
+
+        # 2. Encode the prompt (and the later prompts of a schedule; the negative prompt serves every prompt)
+        encode = partial(
+            self._encode_stream_prompt,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            max_sequence_length=max_sequence_length,
+        )
+        prompt_embeds, negative_prompt_embeds, prompt_schedule = self._encode_prompt_schedule(
+            encode, prompt, prompt_embeds, switch_frames
+        )
+
+        # 3. Prepare the schedule, the latents, the cache, the decoder and the sampler
+        device, dtype = self._execution_device, self.transformer.dtype
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        batch_size = prompt_embeds.shape[0]
+        num_latent_frames = None if num_frames is None else self.latent_frames_for(num_frames)
+        latent_height = height // self.vae_scale_factor_spatial
+        latent_width = width // self.vae_scale_factor_spatial
+        latent_shape = (batch_size, self.transformer.config.in_channels, latent_height, latent_width)
+        if latents is not None:  # else the sampler draws each chunk's noise when the chunk starts
+            latents = latents.to(device, dtype)
+        if rope is None:
+            rope = "relative" if num_frames is None else "absolute"
+        kv_cache = self.prepare_kv_cache(batch_size, negative_prompt_embeds is not None, window_frames, sink_frames, rope)
+        denoiser = CacheDenoiser(
+            self.transformer, kv_cache, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs
+        )
+        state = _StreamState(denoiser, StreamingVAEDecoder(self.vae), num_latent_frames)
+        sampler = ChunkSampler(self.scheduler, context_noise)
+        progress = self._progress(num_latent_frames)
+        sampled = sampler.chunks(
+            denoiser,
+            latent_shape,
+            self.chunk_frames,
+            num_latent_frames,
+            generator,
+            latents=latents,
+            record=return_trajectory,
+            callback=self._step_end_hook(
+                denoiser, progress, callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]
+            ),
+            device=device,
+            dtype=dtype,
+        )
+
+        # 4. The chunk loop, run as the stream is read
+        chunks = self._chunk_loop(state, sampler, sampled, prompt_schedule, output_type, return_trajectory, progress)
+        return CausalVideoStream(chunks, state, encode)
 
     @torch.no_grad()
+    @_with_stream_arguments
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -716,51 +707,48 @@ class CausalVideoPipeline(DiffusionPipeline):
         rope: str | None = None,
         return_trajectory: bool = False,
     ) -> CausalVideoPipelineOutput | tuple:
-        r"""Generate a whole video.
+        r"""Generate a whole video: the chunks of :meth:`stream` put end to end.
 
         Args:
-            prompt (`str` or `list[str]`): the prompt(s); with ``switch_frames``, a schedule of prompts, one per segment.
-            negative_prompt (`str` or `list[str]`, *optional*): used only when ``guidance_scale > 1``.
-            height, width (`int`, *optional*): output size in pixels (multiples of VAE factor × patch size).
-            num_frames (`int`): output frames, ``1 + 4·(chunk·n − 1)`` (e.g. 21 or 81 for 3-frame chunks).
-            num_inference_steps (`int`, *optional*): steps per chunk (default: the scheduler's 4-step schedule).
-            sigmas (`list[float]`, *optional*): explicit sigmas per chunk (overrides ``num_inference_steps``).
-            guidance_scale (`float`): classifier-free guidance; 1 (distilled models) runs a single branch.
-            generator (`torch.Generator`, *optional*): for reproducible noise.
-            latents (`torch.Tensor`, *optional*): the initial noise of every chunk, ``[B, C, F_latent, h, w]``.
-            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder states.
-            output_type (`str`): ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
             return_dict (`bool`): return a :class:`CausalVideoPipelineOutput` (else a tuple).
-            callback_on_step_end (`Callable`, *optional*): called after every step as
-                ``callback(pipe, step, timestep, callback_kwargs)``; may return a modified ``latents``.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in ``callback_kwargs``.
-            max_sequence_length (`int`, *optional*): padded text tokens; default: the tokenizer's ``model_max_length``
-                when at most 512 (what the bundled model was trained with), else 512.
-            attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. LoRA ``scale``).
-            window_frames, sink_frames (`int`, *optional*): attention window and sinks, in latent frames (METHOD §2).
-            context_noise (`float`): timestep of the context pass that writes the cache (0 = clean).
-            switch_frames (`list[int]`, *optional*): output frames at which the next prompt of the schedule takes
-                over; a switch applies from the first chunk starting at or after that frame.
-            rope (`str`, *optional*): ``"absolute"`` or ``"relative"`` cache positions (see :class:`KVCache`).
-            return_trajectory (`bool`): also return the per-chunk, per-step sampling record.
         """
-        kwargs = dict(locals())
-        for key in ("self", "return_dict"):
-            kwargs.pop(key)
-        kwargs.pop("__class__", None)
-        chunks, _, _ = self._start(kwargs)
-        collected = list(chunks)
+        stream = self.stream(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+            attention_kwargs=attention_kwargs,
+            window_frames=window_frames,
+            sink_frames=sink_frames,
+            context_noise=context_noise,
+            switch_frames=switch_frames,
+            rope=rope,
+            return_trajectory=return_trajectory,
+        )
+        chunks = list(stream)
         self.maybe_free_model_hooks()
 
-        trajectory = [c.trajectory for c in collected] if return_trajectory else None
         if output_type == "latent":
-            frames = torch.cat([c.latents for c in collected], dim=2)
+            frames = torch.cat([c.latents for c in chunks], dim=2)
         elif output_type == "np":
-            frames = np.concatenate([c.frames for c in collected], axis=1)
+            frames = np.concatenate([c.frames for c in chunks], axis=1)
         elif output_type == "pt":
-            frames = torch.cat([c.frames for c in collected], dim=1)
+            frames = torch.cat([c.frames for c in chunks], dim=1)
         else:
-            frames = [sum((c.frames[b] for c in collected), []) for b in range(len(collected[0].frames))]
+            frames = [sum((c.frames[b] for c in chunks), []) for b in range(len(chunks[0].frames))]
+        trajectory = [c.trajectory for c in chunks] if return_trajectory else None
         if not return_dict:
             return (frames, trajectory) if return_trajectory else (frames,)
         return CausalVideoPipelineOutput(frames=frames, trajectory=trajectory)
@@ -769,10 +757,4 @@ class CausalVideoPipeline(DiffusionPipeline):
 for _cls in (CausalVideoPipeline, CausalVideoPipelineOutput, CausalVideoChunk):
     _cls.__module__ = "diffusers_raven"
 
-__all__ = [
-    "CausalVideoChunk",
-    "CausalVideoPipeline",
-    "CausalVideoPipelineOutput",
-    "CausalVideoStream",
-    "ChunkTrajectory",
-]
+__all__ = ["CausalVideoChunk", "CausalVideoPipeline", "CausalVideoPipelineOutput", "CausalVideoStream"]

@@ -1,7 +1,9 @@
 """CausalVideoPipeline against independent computations: a cache-less recomputation of the sampler, one-shot VAE
 decoding, a save/load round trip."""
 
+import inspect
 import json
+import re
 
 import numpy as np
 import pytest
@@ -41,19 +43,23 @@ def gen(seed=0):
 
 def manual_rollout(pipe, prompts_per_chunk, noise, seed, context_t=0.0):
     """The sampler of METHOD §1 recomputed without a cache: every step of chunk j runs one block-causal pass over
-    [clean chunks < j at the context timestep, noisy chunk j] and keeps chunk j's prediction."""
+    [history chunks < j at the context timestep, noisy chunk j] and keeps chunk j's prediction. After chunk j's steps,
+    if another chunk follows, history chunk j is ``(1 − σ_ctx)·x̂0 + σ_ctx·ε`` with ``ε`` drawn from the same generator
+    (``σ_ctx = context_t / 1000``). Every pass encodes the whole history under chunk j's prompt, which is what the cache
+    must hold after a prompt switch. Returns the clean video and the history chunks."""
     model = pipe.transformer
     g = gen(seed)
     chunk = model.config.num_frames_per_chunk
-    cleans = []
+    sigma_ctx = context_t / 1000
+    cleans, history = [], []
     with torch.no_grad():
         for j, prompt in enumerate(prompts_per_chunk):
             text = pipe.encode_prompt(prompt, max_sequence_length=16)[0]
             x = noise[:, :, j * chunk : (j + 1) * chunk]
             for k, sigma in enumerate(SIGMAS):
-                history = torch.cat(cleans, dim=2) if cleans else x[:, :, :0]
-                seq = torch.cat([history, x], dim=2)
-                t = torch.cat([torch.full((1, history.shape[2]), context_t), torch.full((1, chunk), 1000 * sigma)], 1)
+                past = torch.cat(history, dim=2) if history else x[:, :, :0]
+                seq = torch.cat([past, x], dim=2)
+                t = torch.cat([torch.full((1, past.shape[2]), context_t), torch.full((1, chunk), 1000 * sigma)], 1)
                 v = model(seq, t, text).sample[:, :, -chunk:]
                 x0 = x - sigma * v
                 if k + 1 < len(SIGMAS):
@@ -62,14 +68,35 @@ def manual_rollout(pipe, prompts_per_chunk, noise, seed, context_t=0.0):
                 else:
                     x = x0
             cleans.append(x)
-    return torch.cat(cleans, dim=2)
+            if j + 1 < len(prompts_per_chunk):
+                eps = torch.randn(x.shape, generator=g) if context_t > 0 else torch.zeros_like(x)
+                history.append((1 - sigma_ctx) * x + sigma_ctx * eps)
+    return torch.cat(cleans, dim=2), history
 
 
-def test_sampler_equals_cacheless_recomputation(pipe):
+@pytest.mark.parametrize("context_noise", [0.0, 250.0])
+def test_sampler_equals_cacheless_recomputation(pipe, context_noise):
     noise = torch.randn(1, 4, 9, 4, 4, generator=gen(7))
-    out = pipe("a red circle", num_frames=33, latents=noise, generator=gen(3), output_type="latent", **SIZE).frames
-    ref = manual_rollout(pipe, ["a red circle"] * 3, noise, seed=3)
+    out = pipe("a red circle", num_frames=33, latents=noise, generator=gen(3), output_type="latent",
+               context_noise=context_noise, **SIZE).frames
+    ref, _ = manual_rollout(pipe, ["a red circle"] * 3, noise, seed=3, context_t=context_noise)
     assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("context_noise", [0.0, 250.0])
+def test_trajectory_context_is_the_written_history(pipe, context_noise):
+    """Each chunk's ``context`` is the history the later chunks attended to (the recomputation's), ``None`` for the
+    last chunk of the video, which nothing reads."""
+    noise = torch.randn(1, 4, 9, 4, 4, generator=gen(7))
+    out = pipe("a red circle", num_frames=33, latents=noise, generator=gen(3), output_type="latent",
+               context_noise=context_noise, return_trajectory=True, **SIZE)
+    _, history = manual_rollout(pipe, ["a red circle"] * 3, noise, seed=3, context_t=context_noise)
+    contexts = [record.context for record in out.trajectory]
+    assert contexts[-1] is None and len(history) == 2
+    for context, ref in zip(contexts, history):
+        assert (context - ref).abs().max() <= 1e-5
+    if context_noise == 0:
+        assert all(torch.equal(r.context, r.clean) for r in out.trajectory[:-1])
 
 
 def test_stream_concatenation_equals_call(pipe):
@@ -116,14 +143,31 @@ def test_trajectory_records_the_gaussian_transitions(pipe):
             assert z.abs().max() < 10
 
 
-def test_prompt_switch_recaches_with_the_new_prompt(pipe):
+@pytest.mark.parametrize("context_noise", [0.0, 250.0])
+def test_prompt_switch_recaches_with_the_new_prompt(pipe, context_noise):
+    """After a switch the cache holds the history re-encoded under the new prompt: the contexts the stream wrote,
+    context noise included (the recomputation's history)."""
     noise = torch.randn(1, 4, 9, 4, 4, generator=gen(8))
-    kwargs = dict(num_frames=33, latents=noise, output_type="latent", **SIZE)
+    kwargs = dict(num_frames=33, latents=noise, output_type="latent", context_noise=context_noise, **SIZE)
     switched = pipe(["a red circle", "a blue square"], switch_frames=[9], generator=gen(9), **kwargs).frames
     plain = pipe("a red circle", generator=gen(9), **kwargs).frames
     assert torch.equal(switched[:, :, :3], plain[:, :, :3])
-    ref = manual_rollout(pipe, ["a red circle", "a blue square", "a blue square"], noise, seed=9)
+    ref, _ = manual_rollout(pipe, ["a red circle", "a blue square", "a blue square"], noise, seed=9,
+                            context_t=context_noise)
     assert (switched - ref).abs().max() <= 1e-5
+
+
+def test_interactive_switch_equals_the_recomputation(pipe):
+    noise = torch.randn(1, 4, 9, 4, 4, generator=gen(12))
+    stream = pipe.stream("a red circle", num_frames=33, latents=noise, generator=gen(13), output_type="latent",
+                         context_noise=250, **SIZE)
+    latents = []
+    for chunk in stream:
+        latents.append(chunk.latents)
+        if chunk.chunk_index == 0:
+            stream.switch_prompt("a blue square")
+    ref, _ = manual_rollout(pipe, ["a red circle", "a blue square", "a blue square"], noise, seed=13, context_t=250)
+    assert (torch.cat(latents, dim=2) - ref).abs().max() <= 1e-5
 
 
 def test_interactive_switch_prompt(pipe):
@@ -178,6 +222,36 @@ def test_guidance_batches_the_negative_prompt(pipe):
     a = pipe("a red circle", num_frames=9, generator=gen(0), output_type="latent", **SIZE).frames
     b = pipe("a red circle", num_frames=9, generator=gen(0), guidance_scale=3.0, output_type="latent", **SIZE).frames
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_negative_prompt_embeds_serve_every_prompt_and_need_guidance(pipe):
+    """``negative_prompt_embeds`` act as the ``negative_prompt`` text they encode, for every prompt of a schedule, and
+    are ignored without guidance (``guidance_scale=1``), as ``negative_prompt`` is."""
+    negative = pipe.encode_prompt("a blue square", max_sequence_length=16)[0]
+    kwargs = dict(switch_frames=[9], num_frames=21, guidance_scale=3.0, output_type="latent", **SIZE)
+    prompts = ["a red circle", "a green triangle"]
+    by_text = pipe(prompts, negative_prompt="a blue square", generator=gen(0), **kwargs).frames
+    by_embeds = pipe(prompts, negative_prompt_embeds=negative, generator=gen(0), **kwargs).frames
+    assert (by_text - by_embeds).abs().max() <= 1e-5  # the text encoder's batch of one against ours: rounding
+    plain = pipe("a red circle", num_frames=9, generator=gen(1), output_type="latent", **SIZE).frames
+    ignored = pipe("a red circle", num_frames=9, generator=gen(1), output_type="latent", negative_prompt_embeds=negative,
+                   **SIZE).frames
+    assert torch.equal(plain, ignored)
+
+
+def test_call_and_stream_take_the_same_arguments():
+    """``__call__`` forwards its arguments to ``stream`` (plus ``return_dict``), and each docstring documents exactly
+    the method's arguments."""
+
+    def documented(method):
+        names = re.findall(r"^ {12}(\w+(?:, \w+)*) \(", method.__doc__, flags=re.MULTILINE)
+        return {name for entry in names for name in entry.split(", ")}
+
+    call = [n for n in inspect.signature(CausalVideoPipeline.__call__).parameters if n != "self"]
+    stream = [n for n in inspect.signature(CausalVideoPipeline.stream).parameters if n != "self"]
+    assert [n for n in call if n != "return_dict"] == stream
+    assert documented(CausalVideoPipeline.__call__) == set(call)
+    assert documented(CausalVideoPipeline.stream) == set(stream)
 
 
 def test_save_load_round_trip(pipe, tmp_path):

@@ -2,6 +2,7 @@
 end on tiny configs, with a tiny text stack and VAE built here, and save loadable models and complete metrics."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -62,6 +63,8 @@ def test_teacher_then_student(tmp_path, inputs):
     metrics = json.loads((out / "teacher_metrics.json").read_text())
     assert metrics["finished"] and metrics["steps"] == 3 and metrics["resumed_from"]["step"] == 2
     assert [e["step"] for e in metrics["loss_curve"]] == [1, 2, 3]
+    # the resumed step follows this run's schedule (3 steps, cosine to 0.1 of 3e-4), not the 2-step run's
+    assert metrics["loss_curve"][-1]["lr"] == pytest.approx(3e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 3))))
     assert metrics["train_scenes_rendered"] == 2 + 1 + 1  # the first step fills the pool with one batch
     for key in ("config", "command", "vae_reference", "evals", "train_wall_seconds", "seconds_per_step",
                 "num_parameters", "final_eval"):
@@ -112,11 +115,99 @@ def test_teacher_then_student(tmp_path, inputs):
     assert len(metrics["eval_after"]["long"]["per_chunk"]) == 2  # 9 + 12 frames
 
 
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a step."""
+
+
+def kill_at_call(module, name, call):
+    """Wrap ``module.<name>`` so that its ``call``-th call raises :class:`Killed`."""
+    original, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise Killed(f"{name} call {call}")
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def test_teacher_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, inputs, monkeypatch):
+    """A run killed in step 4, after its step-3 checkpoint (and with no end-of-run save), then ``--resume last``,
+    ends with the weights, EMA, loss curve and rendered scenes of the same run never stopped. The learning rates of
+    the uninterrupted run are the warm-up + cosine schedule computed here."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    recipe = load_recipe("shapes_teacher")
+    values = {**inputs, **TINY_TEACHER, "batch_size": 2, "fresh_videos_per_step": 1, "latent_pool_size": 3,
+              "latent_sampling": "sample", "caption_dropout": 0.5, "warmup_steps": 2, "min_lr_ratio": 0.1,
+              "learning_rate": 1e-3, "checkpoint_every_steps": 3, "eval_sensitivity_sigmas": [], "max_steps": 6}
+    config = write_config(tmp_path / "teacher.yaml", **values)
+    whole = recipe.main(["--config", config, "--output_dir", str(tmp_path / "whole")])
+
+    monkeypatch.setattr(recipe, "flow_matching_loss", kill_at_call(recipe, "flow_matching_loss", 4))
+    with pytest.raises(Killed):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    checkpoints = sorted(os.listdir(tmp_path / "killed" / "teacher_checkpoints"))
+    assert checkpoints == ["checkpoint-3"]
+    resumed = recipe.main(["--config", config, "--output_dir", str(tmp_path / "killed"), "--resume", "last"])
+
+    assert resumed["resumed_from"]["step"] == 3 and resumed["this_run_steps"] == 3
+    assert [e["step"] for e in resumed["loss_curve"]] == [e["step"] for e in whole["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [e[key] for e in resumed["loss_curve"]] == [e[key] for e in whole["loss_curve"]], key
+    assert resumed["train_scenes_rendered"] == whole["train_scenes_rendered"] == 2 + 5
+    for a, b in zip(resumed["evals"], whole["evals"]):
+        assert a["step"] == b["step"] and a["semantic_accuracy"] == b["semantic_accuracy"] and a["psnr"] == b["psnr"]
+    ema = {run: WanTransformer3DModel.from_pretrained(tmp_path / run / "teacher").state_dict()
+           for run in ("whole", "killed")}
+    assert all(torch.equal(ema["killed"][k], v) for k, v in ema["whole"].items())
+    trained = {run: load_file(tmp_path / run / "teacher_checkpoints" / "checkpoint-6" / "model.safetensors")
+               for run in ("whole", "killed")}
+    assert all(torch.equal(trained["killed"][k], v) for k, v in trained["whole"].items())
+    assert any(not torch.equal(ema["whole"][k], v) for k, v in trained["whole"].items())  # the EMA is not the model
+
+    def lr(step):  # the schedule before step `step` (0-based): warm-up from 0, then cosine to 0.1 of the peak
+        if step < 2:
+            return 1e-3 * step / 2
+        return 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / (6 - 2))))
+
+    assert [e["lr"] for e in whole["loss_curve"]] == pytest.approx([lr(s) for s in range(6)], rel=1e-12, abs=1e-15)
+
+
+# Runs a recipe script as ``__main__`` (as ``python script ...`` would) and then saves the weights its optimizer
+# trained, one file per torchrun rank: ``python RANK_WEIGHTS SCRIPT OUT_DIR ARGS...``.
+RANK_WEIGHTS = """
+import os, runpy, sys
+import torch
+
+optimizers = []
+
+
+class RecordedAdamW(torch.optim.AdamW):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        optimizers.append(self)
+
+
+torch.optim.AdamW = RecordedAdamW
+script, out = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+weights = [p.detach().clone() for group in optimizers[0].param_groups for p in group["params"]]
+torch.save(weights, os.path.join(out, "weights_rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
 def test_teacher_on_two_processes_takes_the_single_process_steps(tmp_path, inputs):
     """torchrun with 2 CPU processes (gloo) trains the teacher one process would train on the same batches: each rank
-    encodes half the fresh videos and computes half the batch, gradients and loss are averaged. Two steps on 2
-    processes (with the step-2 evaluation shared out between them), then a third step resumed in one process, match
-    three steps in one process: loss curve, evaluation, rendered scenes and weights (up to the order of float sums)."""
+    encodes half the fresh videos and computes half the batch, gradients and loss are averaged. The two ranks end
+    with identical trained weights; two steps on 2 processes (with the step-2 evaluation shared out between them),
+    then a third step resumed in one process, match three steps in one process: loss curve, evaluation, rendered
+    scenes and weights (up to the order of float sums)."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -131,9 +222,13 @@ def test_teacher_on_two_processes_takes_the_single_process_steps(tmp_path, input
         port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two_config = write_config(tmp_path / "two.yaml", **values, max_steps=2)
+    (tmp_path / "rank_weights.py").write_text(RANK_WEIGHTS)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(port), os.path.join(TRAINERS, "shapes_teacher.py"),
-                    "--config", two_config, "--output_dir", str(tmp_path / "two")], check=True, env=env, timeout=600)
+                    "127.0.0.1", "--master_port", str(port), str(tmp_path / "rank_weights.py"),
+                    os.path.join(TRAINERS, "shapes_teacher.py"), str(tmp_path), "--config", two_config,
+                    "--output_dir", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    ranks = [torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*ranks))
     two = json.loads((tmp_path / "two" / "teacher_metrics.json").read_text())
     assert two["world_size"] == 2 and two["command"].startswith("torchrun --nproc_per_node 2 ")
     assert two["finished"] and two["steps"] == 2 and two["cores_used"] == 2

@@ -2,6 +2,7 @@
 
     python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml
     python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml --resume last   # continue a run
+    torchrun --nproc_per_node 2 trainers/shapes_teacher.py --config ...                     # two CPU processes
 
 Inputs: the frozen text stack of stage 1 (``tokenizer/``, ``text_encoder/``) and the VAE of stage 2 (``vae/``, with
 ``latents_mean``/``latents_std`` set). The transformer's ``in_channels`` and ``text_dim`` are read from them.
@@ -22,9 +23,12 @@ every sampler step is trained as often as any other, and the high-noise region, 
 the student lie (METHOD §1), gets most of the updates. ``sigma_sampling: logit_normal`` (SD3: ``σ = sigmoid(m + s·z)``)
 is the alternative.
 
-AdamW with linear warm-up, then a cosine to ``min_lr_ratio`` over the run's progress ``max(step / max_steps,
-elapsed / time budget)``, so a run cut short by its time budget still anneals. An EMA of the weights (decay warmed up
-as ``min(ema_decay, (1 + step) / (10 + step))``) is what evaluation uses and what is saved.
+The loop runs on ``accelerate`` (an ``Accelerator`` on the CPU). AdamW with ``transformers``' ``cosine_with_min_lr``
+schedule: linear warm-up from 0 over ``warmup_steps``, then a cosine to ``min_lr_ratio`` times the peak at
+``max_steps``; after the warm-up the schedule's step count is moved ahead to the time budget's share of the cosine
+when that is further (``diffusers_raven.utils.recipes.schedule_position``), so a run cut short by its time budget
+still anneals. An EMA of the weights (``diffusers.training_utils.EMAModel``: decay ``min(ema_decay, (1 + n) / (10 +
+n))`` after ``n`` updates, the first update copying the weights) is what evaluation uses and what is saved.
 
 Evaluation every ``eval_every_steps`` and at the end: held-out-caption videos (``sample_scene(eval_seed + i,
 split="test")``) sampled from noise with ``eval_num_steps`` Euler steps on the shift-``eval_shift`` grid and
@@ -35,16 +39,21 @@ attribute is edited (``edit_scene``) or the caption is dropped, a low-noise sign
 read. Once, at the start, the same scenes' ground truth is encoded and decoded by the VAE and scored:
 the ceiling the teacher can reach through this VAE.
 
-Checkpoints: every ``checkpoint_every_steps`` the model, EMA, optimizer, step, RNG states, elapsed training time and
-the curves so far go to ``<output_dir>/teacher_checkpoint.pt`` (one file, replaced atomically). SIGTERM or Ctrl-C
-ends the loop after the current step and still evaluates and saves.
+Checkpoints: every ``checkpoint_every_steps`` (and at the end) ``Accelerator.save_state`` writes the model,
+optimizer, learning-rate schedule, RNG states, the EMA and the run's progress (step, elapsed training time, scenes
+rendered, data generator, latent pool, curves) to ``<output_dir>/teacher_checkpoints/checkpoint-<step>``: written
+under a temporary name and renamed once complete; the two newest are kept. ``--resume last`` (or a checkpoint
+folder) continues from it with ``Accelerator.load_state``: a run killed after a checkpoint and resumed takes the same
+steps as one that was never stopped. SIGTERM or Ctrl-C ends the loop after the current step and still evaluates and
+saves.
 
-Several processes (``torchrun --nproc_per_node N trainers/shapes_teacher.py ...``, gloo on a CPU) train one model
-on N cores: every rank renders and encodes ``fresh_videos_per_step / N`` of the fresh videos, the encoded latents are
-all-gathered so that every rank keeps the same pool, every rank draws the whole batch's pool picks, caption dropout,
-sigmas and noise from the same generator, and each runs the forward and backward pass of its ``batch_size / N`` rows;
-the gradients (and the loss) are then averaged with one all-reduce. A step is thus the single-process step on the same
-batch, up to the order of float sums, and a checkpoint (written by rank 0) resumes under any number of processes that
+Several processes (``torchrun --nproc_per_node N trainers/shapes_teacher.py ...``: gloo ranks on the CPU) train one
+model on N cores: every rank renders and encodes ``fresh_videos_per_step / N`` of the fresh videos, the encoded
+latents are gathered (``accelerator.gather``) so that every rank keeps the same pool, every rank draws the whole
+batch's pool picks, caption dropout, sigmas and noise from the same generator, and each runs the forward and backward
+pass of its ``batch_size / N`` rows; ``DistributedDataParallel`` (``accelerator.prepare``) then averages the
+gradients, and ``accelerator.reduce`` the logged loss. A step is thus the single-process step on the same batch, up
+to the order of float sums, and a checkpoint (the bare model's weights) resumes under any number of processes that
 divides ``batch_size`` and ``fresh_videos_per_step``. Rank 0's clock decides the learning rate and the time budget,
 and SIGTERM on rank 0 ends the run on every rank; evaluation batches are shared out between the ranks.
 
@@ -61,7 +70,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -70,19 +78,31 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from transformers import AutoTokenizer, UMT5EncoderModel
+from diffusers.training_utils import EMAModel
+from transformers import AutoTokenizer, UMT5EncoderModel, get_scheduler
 
 from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normalize_latents, vae_spatial_factor
 from diffusers_raven.shapes import EDITABLE_ATTRIBUTES, caption, edit_scene, evaluate_batch, render_video, sample_scene
 from diffusers_raven.shapes.sensitivity import caption_loss_gaps, summarize_gaps
 from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
-from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
+from diffusers_raven.utils.recipes import (
+    add_override_arguments,
+    load_recipe_config,
+    override_arguments,
+    portable_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    schedule_position,
+    set_schedule_position,
+)
 from diffusers_raven.utils.text import encode_prompts
 
 SIGMA_SAMPLINGS = ("shifted_uniform", "logit_normal")
 LATENT_SAMPLINGS = ("mode", "sample")
+CHECKPOINT_DIR = "teacher_checkpoints"
 SUMMARY_METRICS = ("semantic_accuracy", "psnr", "physics_accuracy", "speed_error", "direction_error", "consistency")
 
 
@@ -308,12 +328,14 @@ class LatentPool:
 
 
 def training_batch(pool: LatentPool, vae, scenes_rendered: int, config, generator: torch.Generator,
-                   rank: int = 0, world_size: int = 1):
+                   accelerator: Accelerator | None = None):
     """Draw the batch's reused videos from the pool, render and encode its fresh ones (which then join the pool).
     Returns the whole batch ``(x0 [B, C, F, h, w], captions, number of scenes rendered so far)``.
 
-    With ``world_size`` processes each renders and encodes its share of the fresh videos and the latents are
-    all-gathered, so every rank returns the same batch and keeps the same pool (see the module docstring)."""
+    With several processes (``accelerator``) each renders and encodes its share of the fresh videos and the latents
+    are gathered (``accelerator.gather``), so every rank returns the same batch and keeps the same pool (see the
+    module docstring)."""
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     fresh = max(config.fresh_videos_per_step, config.batch_size - len(pool.latents))  # the first step is all fresh
     reused, reused_captions = pool.draw(config.batch_size - fresh, generator)
     seeds = [config.train_seed + scenes_rendered + i for i in range(fresh)]
@@ -321,9 +343,7 @@ def training_batch(pool: LatentPool, vae, scenes_rendered: int, config, generato
     pixels, _ = render_scenes(seeds[rank * share : (rank + 1) * share], "train", config)
     latents = encode_videos(vae, pixels, config.latent_sampling, generator, rows=(rank * share, fresh))
     if world_size > 1:
-        parts = [torch.empty_like(latents) for _ in range(world_size)]
-        dist.all_gather(parts, latents.contiguous())
-        latents = torch.cat(parts)
+        latents = accelerator.gather(latents.contiguous())
     captions = [caption(sample_scene(seed, split="train", height=config.height, width=config.width)) for seed in seeds]
     pool.add(latents, captions)
     x0 = torch.cat([latents, torch.stack(reused)]) if reused else latents
@@ -339,19 +359,13 @@ def sample_sigmas(batch: int, config: ShapesTeacherConfig, generator: torch.Gene
     return torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(batch, generator=generator))
 
 
-def learning_rate_at(step: int, progress: float, config: ShapesTeacherConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then a cosine from the peak to ``min_lr_ratio`` over ``progress``."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    decay = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+def learning_rate_scheduler(optimizer: torch.optim.Optimizer, config: ShapesTeacherConfig):
+    """``transformers``' ``cosine_with_min_lr`` schedule: linear warm-up from 0 over ``warmup_steps``, then a cosine
+    to ``min_lr_ratio`` times the peak at ``max_steps``. The loop moves its step count ahead with the time budget
+    (``schedule_position``)."""
+    return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.max_steps,
+                         scheduler_specific_kwargs={"min_lr_rate": config.min_lr_ratio})
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -372,7 +386,8 @@ def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str
     """Euler sampling of the guided teacher ODE from noise, decoded: uint8 ``[B, F, H, W, 3]``.
 
     With ``world_size`` processes, rank ``r`` samples the batches ``r, r + world_size, ...`` (every rank draws every
-    batch's noise, so each video's noise is the single-process one) and the videos are gathered on every rank."""
+    batch's noise, so each video's noise is the single-process one) and the videos are gathered on every rank
+    (``accelerate.utils.gather_object``)."""
     factor = vae_spatial_factor(vae)
     shape = (model.config.in_channels, (config.num_frames - 1) // 4 + 1, config.height // factor,
              config.width // factor)
@@ -388,9 +403,7 @@ def sample_teacher(model, vae, embeddings: CaptionEmbeddings, captions: list[str
                                        config.eval_num_steps, config.eval_shift)
         videos[index] = decode_latents(vae, x0)
     if world_size > 1:
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, videos)
-        videos = {k: v for part in gathered for k, v in part.items()}
+        videos = dict(gather_object(list(videos.items())))
     return np.concatenate([videos[k] for k in sorted(videos)])
 
 
@@ -418,29 +431,10 @@ def caption_sensitivity(model, inputs: tuple, config: ShapesTeacherConfig) -> di
     return summarize_gaps(config.eval_sensitivity_sigmas, loss, gaps)
 
 
-def average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor, world_size: int) -> torch.Tensor:
-    """All-reduce the mean of every rank's gradients (a missing one counts as zero) and of the loss, in one buffer;
-    returns the averaged loss. Each rank's loss is the mean over its equal share of the batch, so the result is the
-    gradient of the whole batch's mean loss."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
-    for p in parameters:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat[-1]
-
-
 def distributed_world() -> tuple[int, int]:
-    """``(rank, world_size)``: torchrun's ``WORLD_SIZE > 1`` starts a gloo process group; otherwise ``(0, 1)``."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world_size
+    """``(rank, number of processes)`` as torchrun sets them in the environment (``(0, 1)`` without torchrun), read
+    before the ``Accelerator`` starts the process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def summary(result: dict) -> dict:
@@ -478,18 +472,53 @@ def load_initial_weights(model: WanTransformer3DModel, folder: str) -> None:
     model.load_state_dict(source.state_dict())
 
 
+class TrainingProgress:
+    """What a checkpoint holds besides the model, optimizer, learning-rate schedule, EMA and RNG states that
+    ``Accelerator.save_state`` writes: the step, the training seconds so far, the number of scenes rendered, the data
+    generator, the latent pool, the curves and the loss summed since the last logged step (registered with
+    ``accelerator.register_for_checkpointing``)."""
+
+    RESUMED_RESULTS = ("loss_curve", "evals", "vae_reference")
+
+    def __init__(self, generator: torch.Generator, pool: LatentPool, results: dict) -> None:
+        self.step, self.elapsed_seconds, self.scenes_rendered = 0, 0.0, 0
+        self.generator, self.pool, self.results = generator, pool, results
+        self.running = {"loss": 0.0, "n": 0}
+        self.model_config = results.get("model_config")
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds, "scenes_rendered": self.scenes_rendered,
+                "generator": self.generator.get_state(), "pool": self.pool.state_dict(), "results": self.results,
+                "running": dict(self.running)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.elapsed_seconds = state["step"], state["elapsed_seconds"]
+        self.scenes_rendered, self.running = state["scenes_rendered"], dict(state["running"])
+        self.generator.set_state(state["generator"])
+        self.pool.load_state_dict(state["pool"])
+        for key in self.RESUMED_RESULTS:  # the curves continue; config and command are this run's
+            if key in state["results"]:
+                self.results[key] = state["results"][key]
+        self.model_config = state["results"]["model_config"]
+
+
 def export_ema(resume: str, config: ShapesTeacherConfig, folder: str) -> dict:
-    """Save the EMA weights of a checkpoint (``"last"``: ``<output_dir>/teacher_checkpoint.pt``) as a
+    """Save the EMA weights of a checkpoint (``"last"``: the newest in ``<output_dir>/teacher_checkpoints``) as a
     ``WanTransformer3DModel`` folder, with ``snapshot.json`` (checkpoint, step, training seconds)."""
-    path = os.path.join(config.output_dir, "teacher_checkpoint.pt") if resume == "last" else resume
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume {resume!r}: no checkpoint file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in state["results"]["model_config"].items()}
+    path = resolve_checkpoint(resume, os.path.join(config.output_dir, CHECKPOINT_DIR))
+    accelerator = Accelerator(cpu=True)
+    ema = EMAModel([])  # its weights come from the checkpoint
+    progress = TrainingProgress(torch.Generator(), LatentPool(1), {})
+    accelerator.register_for_checkpointing(ema, progress)  # the order of main()
+    accelerator.load_state(path)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in progress.model_config.items()}
     model = WanTransformer3DModel(**kwargs)
-    model.load_state_dict(state["ema"])
+    parameters = list(model.parameters())
+    if len(parameters) != len(ema.shadow_params):
+        raise ValueError(f"--resume {resume!r}: the EMA in {path} does not fit its model config")
+    ema.copy_to(parameters)
     model.save_pretrained(folder)
-    info = {"checkpoint": path, "step": state["step"], "elapsed_seconds": round(state["elapsed_seconds"], 1)}
+    info = {"checkpoint": path, "step": progress.step, "elapsed_seconds": round(progress.elapsed_seconds, 1)}
     with open(os.path.join(folder, "snapshot.json"), "w") as f:
         json.dump(info, f, indent=2)
     print(f"saved the EMA model of {path} (step {info['step']}) to {folder}")
@@ -500,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
     add_override_arguments(parser)
-    parser.add_argument("--resume", default=None, help="a teacher_checkpoint.pt, or 'last' for <output_dir>'s")
+    parser.add_argument("--resume", default=None, help="a checkpoint folder (<output_dir>/teacher_checkpoints/"
+                                                       "checkpoint-<step>), or 'last' for <output_dir>'s newest")
     parser.add_argument("--export_ema", default=None, metavar="FOLDER",
                         help="do not train: save the EMA model of the checkpoint (--resume, default 'last') to FOLDER "
                              "(e.g. to score a running stage with shapes_eval_chain.py)")
@@ -508,18 +538,22 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(cli.config, override_arguments(cli))
     if cli.export_ema is not None:
         return export_ema(cli.resume or "last", config, cli.export_ema)
-    rank, world_size = distributed_world()
+    _, world_size = distributed_world()
     for name in ("batch_size", "fresh_videos_per_step"):
         if getattr(config, name) % world_size:
             raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the number of processes "
                              f"({world_size}): each process trains on an equal share")
+    # the recipe trains on the CPU: several processes are gloo ranks, and the optimizer and schedule step once per
+    # step of the whole batch, whatever the number of processes
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
     launcher = ["python"] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size)]
     command = " ".join([*launcher, "trainers/shapes_teacher.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
-    log = print if rank == 0 else (lambda *args, **kwargs: None)
+    log = print if accelerator.is_main_process else (lambda *args, **kwargs: None)
     os.makedirs(config.output_dir, exist_ok=True)
     metrics_path = os.path.join(config.output_dir, "teacher_metrics.json")
-    checkpoint_path = os.path.join(config.output_dir, "teacher_checkpoint.pt")
+    checkpoint_root = os.path.join(config.output_dir, CHECKPOINT_DIR)
 
     tokenizer, text_encoder, vae = load_frozen_inputs(config)
     max_sequence_length = config.max_sequence_length or tokenizer.model_max_length
@@ -534,11 +568,14 @@ def main(argv: list[str] | None = None) -> dict:
         model = WanTransformer3DModel(**model_kwargs)
     if config.init_from is not None:
         load_initial_weights(model, config.init_from)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema = EMAModel(model.parameters(), decay=float(config.ema_decay))
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # holds the EMA weights to evaluate and save
     model.train()
     num_parameters = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas),
                                   weight_decay=config.weight_decay)
+    scheduler = learning_rate_scheduler(optimizer, config)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     generator = torch.Generator().manual_seed(config.train_seed)  # sigmas, noise, caption dropout, latent samples
 
     eval_seeds = [config.eval_seed + i for i in range(config.eval_num_videos)]
@@ -554,30 +591,20 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_curve": [],
         "evals": [],
     }
-    pool = LatentPool(config.latent_pool_size)
-    step, elapsed_before, scenes_rendered = 0, 0.0, 0
+    progress = TrainingProgress(generator, LatentPool(config.latent_pool_size), results)
+    accelerator.register_for_checkpointing(ema, progress)
+    portable_checkpoints(accelerator)
     if cli.resume is not None:
-        path = checkpoint_path if cli.resume == "last" else cli.resume
-        if not os.path.isfile(path):
-            raise ValueError(f"--resume {cli.resume!r}: no checkpoint file at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed_before = state["step"], state["elapsed_seconds"]
-        scenes_rendered = state["scenes_rendered"]
-        pool.load_state_dict(state["pool"])
-        for key in ("loss_curve", "evals", "vae_reference"):
-            if key in state["results"]:
-                results[key] = state["results"][key]
-        results["resumed_from"] = {"path": path, "step": step}
-        log(f"resumed from {path} at step {step} ({elapsed_before:.0f} s of training so far)")
+        path = resolve_checkpoint(cli.resume, checkpoint_root)
+        accelerator.load_state(path)
+        set_schedule_position(scheduler, base_lr=config.learning_rate)  # this run's schedule at the restored step
+        results["resumed_from"] = {"path": path, "step": progress.step}
+        log(f"resumed from {path} at step {progress.step} ({progress.elapsed_seconds:.0f} s of training so far)")
+    elapsed_before = progress.elapsed_seconds
     log(f"teacher: {num_parameters:,} parameters ({config.num_layers} layers, width "
-          f"{config.num_attention_heads * config.attention_head_dim}); latents {model_kwargs['in_channels']} ch; "
-          f"text {model_kwargs['text_dim']}-d x {max_sequence_length} tokens; eval on {len(eval_captions)} "
-          f"held-out captions" + (f"; {world_size} processes" if world_size > 1 else ""))
+        f"{config.num_attention_heads * config.attention_head_dim}); latents {model_kwargs['in_channels']} ch; "
+        f"text {model_kwargs['text_dim']}-d x {max_sequence_length} tokens; eval on {len(eval_captions)} "
+        f"held-out captions" + (f"; {world_size} processes" if world_size > 1 else ""))
 
     if "vae_reference" not in results and rank == 0:  # ground truth through the VAE: the ceiling of the teacher's scores
         reference = decode_latents(vae, encode_videos(vae, eval_pixels, "mode", generator))
@@ -599,14 +626,15 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal last_eval
         last_eval = at_step
         start_eval = time.perf_counter()
-        videos = sample_teacher(ema, vae, embeddings, eval_captions, config, seed=config.eval_seed, rank=rank,
+        ema.copy_to(ema_model.parameters())
+        videos = sample_teacher(ema_model, vae, embeddings, eval_captions, config, seed=config.eval_seed, rank=rank,
                                 world_size=world_size)
         if rank != 0:
             return
         scores = evaluate_batch(list(videos), eval_captions)
         entry = {"step": at_step, "elapsed_seconds": round(elapsed, 1), **summary(scores)}
         if config.eval_sensitivity_sigmas:
-            entry["caption_sensitivity"] = caption_sensitivity(ema, sensitivity_data, config)
+            entry["caption_sensitivity"] = caption_sensitivity(ema_model, sensitivity_data, config)
         entry["eval_seconds"] = round(time.perf_counter() - start_eval, 1)
         results["evals"].append(entry)
         gaps = ""
@@ -618,15 +646,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"physics {fmt(entry['physics_accuracy'])}{gaps} ({entry['eval_seconds']:.0f} s)", flush=True)
         save_metrics(False)
 
-    def save_checkpoint(elapsed: float) -> None:
-        if rank != 0:  # every rank holds the same state
-            return
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-                 "elapsed_seconds": elapsed, "scenes_rendered": scenes_rendered, "pool": pool.state_dict(),
-                 "results": results}
-        torch.save(state, checkpoint_path + ".tmp")
-        os.replace(checkpoint_path + ".tmp", checkpoint_path)
+    def checkpoint(elapsed: float) -> None:  # on every rank: accelerate writes rank 0's state and each rank's RNG
+        progress.elapsed_seconds = elapsed
+        save_checkpoint(accelerator, checkpoint_root, progress.step)
 
     stop = StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
@@ -634,16 +656,14 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     step_seconds: list[float] = []
     stop_reason = "max_steps"
-    running, running_n = 0.0, 0
-    parameters = list(model.parameters())
+    running = progress.running
     forward = torch.compile(model) if config.compile else model  # same parameters; the EMA is evaluated eagerly
     rows = slice(rank * config.batch_size // world_size, (rank + 1) * config.batch_size // world_size)
     try:
-        while step < config.max_steps:
+        while progress.step < config.max_steps:
             elapsed, stopping = elapsed_before + time.perf_counter() - start, stop.stop
             if world_size > 1:  # rank 0's clock and signal decide for everyone (same learning rate, same last step)
-                shared = torch.tensor([elapsed, float(stopping)], dtype=torch.float64)
-                dist.broadcast(shared, 0)
+                shared = broadcast(torch.tensor([elapsed, float(stopping)], dtype=torch.float64), from_process=0)
                 elapsed, stopping = shared[0].item(), bool(shared[1].item())
             if elapsed >= budget_seconds:
                 stop_reason = "time_budget"
@@ -652,12 +672,10 @@ def main(argv: list[str] | None = None) -> dict:
                 stop_reason = "signal"
                 break
             step_start = time.perf_counter()
-            lr = learning_rate_at(step, max(step / config.max_steps, elapsed / budget_seconds), config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = scheduler.get_last_lr()[0]
 
-            x0, captions, scenes_rendered = training_batch(pool, vae, scenes_rendered, config, generator, rank,
-                                                           world_size)
+            x0, captions, progress.scenes_rendered = training_batch(progress.pool, vae, progress.scenes_rendered,
+                                                                    config, generator, accelerator)
             dropped = torch.rand(len(captions), generator=generator) < config.caption_dropout
             text = ["" if d else c for c, d in zip(captions, dropped.tolist())]
             sigma = sample_sigmas(len(captions), config, generator)
@@ -668,70 +686,68 @@ def main(argv: list[str] | None = None) -> dict:
             velocity = forward(noisy, 1000 * sigma, text).sample
             loss = flow_matching_loss(velocity, noise, x0)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world_size > 1:
-                loss = average_gradients(parameters, loss, world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            accelerator.backward(loss)  # DDP averages the ranks' gradients: the gradient of the whole batch's mean
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            update_ema(ema, model, step, config.ema_decay)
-            step += 1
+            ema.step(model.parameters())
+            progress.step += 1
+            set_schedule_position(scheduler, schedule_position(progress.step, elapsed, budget_seconds,
+                                                           config.warmup_steps, config.max_steps))
             step_seconds.append(time.perf_counter() - step_start)
 
-            running += loss.item()
-            running_n += 1
+            running["loss"] += accelerator.reduce(loss.detach(), reduction="mean").item()
+            running["n"] += 1
+            step = progress.step
             if step % config.log_every_steps == 0 or step == config.max_steps:
-                entry = {"step": step, "loss": running / running_n, "grad_norm": float(grad_norm), "lr": lr,
+                entry = {"step": step, "loss": running["loss"] / running["n"], "grad_norm": float(grad_norm), "lr": lr,
                          "elapsed_seconds": round(elapsed_before + time.perf_counter() - start, 1)}
                 results["loss_curve"].append(entry)
                 log(f"step {step}: loss {entry['loss']:.4f} grad {entry['grad_norm']:.2f} lr {lr:.2e} "
-                      f"({entry['elapsed_seconds']:.0f} s)", flush=True)
-                running, running_n = 0.0, 0
+                    f"({entry['elapsed_seconds']:.0f} s)", flush=True)
+                running.update(loss=0.0, n=0)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.max_steps:
                 record_eval(step, elapsed_before + time.perf_counter() - start)
             if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-                save_checkpoint(elapsed_before + time.perf_counter() - start)
+                checkpoint(elapsed_before + time.perf_counter() - start)
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     train_seconds = elapsed_before + time.perf_counter() - start
+    step = progress.step
 
     if last_eval != step:
         record_eval(step, train_seconds)
     if config.checkpoint_every_steps:
-        save_checkpoint(train_seconds)
+        checkpoint(train_seconds)
     teacher_dir = os.path.join(config.output_dir, "teacher")
-    if rank != 0:
-        dist.barrier()  # rank 0 saves the outputs
-        dist.destroy_process_group()
-        return results
-    ema.save_pretrained(teacher_dir)
-
-    final = results["evals"][-1]
-    results.update(
-        {
-            "stop_reason": stop_reason,
-            "steps": step,
-            "train_videos_seen": step * config.batch_size,
-            "train_scenes_rendered": scenes_rendered,
-            "train_wall_seconds": round(train_seconds, 1),
-            "this_run_steps": len(step_seconds),
-            "seconds_per_step": round(float(np.mean(step_seconds)), 3) if step_seconds else None,
-            "seconds_per_step_median": round(float(np.median(step_seconds)), 3) if step_seconds else None,
-            "final_eval": final,
-            "final_loss": results["loss_curve"][-1]["loss"] if results["loss_curve"] else None,
-            "distinct_captions_embedded": len(embeddings.cache),
-            "total_wall_seconds_this_run": round(time.perf_counter() - start, 1),
-            "cores_used": world_size * config.num_threads,
-            "teacher_dir": teacher_dir,
-        }
-    )
-    save_metrics(True)
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    log(f"done: {step} steps, {train_seconds:.0f} s of training ({stop_reason}); final semantic "
-          f"{fmt(final['semantic_accuracy'])} psnr {fmt(final['psnr'], 2)}; saved {teacher_dir}")
+    if rank == 0:
+        ema.copy_to(ema_model.parameters())
+        ema_model.save_pretrained(teacher_dir)
+        final = results["evals"][-1]
+        results.update(
+            {
+                "stop_reason": stop_reason,
+                "steps": step,
+                "train_videos_seen": step * config.batch_size,
+                "train_scenes_rendered": progress.scenes_rendered,
+                "train_wall_seconds": round(train_seconds, 1),
+                "this_run_steps": len(step_seconds),
+                "seconds_per_step": round(float(np.mean(step_seconds)), 3) if step_seconds else None,
+                "seconds_per_step_median": round(float(np.median(step_seconds)), 3) if step_seconds else None,
+                "final_eval": final,
+                "final_loss": results["loss_curve"][-1]["loss"] if results["loss_curve"] else None,
+                "distinct_captions_embedded": len(embeddings.cache),
+                "total_wall_seconds_this_run": round(time.perf_counter() - start, 1),
+                "cores_used": world_size * config.num_threads,
+                "teacher_dir": teacher_dir,
+            }
+        )
+        save_metrics(True)
+        log(f"done: {step} steps, {train_seconds:.0f} s of training ({stop_reason}); final semantic "
+            f"{fmt(final['semantic_accuracy'])} psnr {fmt(final['psnr'], 2)}; saved {teacher_dir}")
+    accelerator.wait_for_everyone()  # rank 0 has saved the outputs
+    accelerator.end_training()
     return results
 
 

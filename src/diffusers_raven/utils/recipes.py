@@ -1,9 +1,14 @@
 """Configuration files of the recipes in ``trainers/``: a YAML mapping of a dataclass's fields, with command-line
-overrides (``--output_dir``, ``--set key=value ...``)."""
+overrides (``--output_dir``, ``--set key=value ...``); and the checkpoint folders and learning-rate clock of the
+recipes whose own training loops run on ``accelerate``."""
 
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import re
+import shutil
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -63,3 +68,110 @@ def override_arguments(cli) -> dict[str, Any]:
     if cli.output_dir is not None:
         overrides["output_dir"] = cli.output_dir
     return overrides
+
+
+# ------------------------------------------------------------------------------------------------ accelerate
+# The custom training loops of ``trainers/`` (ShapesWorld VAE and teacher) run on an ``accelerate.Accelerator``; the
+# helpers below are what they share around it: checkpoint folders written by ``Accelerator.save_state`` and a
+# learning-rate schedule from ``transformers.get_scheduler`` whose clock can also follow a time budget.
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def portable_checkpoints(accelerator) -> None:
+    """Make ``accelerator.save_state``/``load_state`` store the bare modules' weights: without this hook a model
+    wrapped in ``DistributedDataParallel`` saves ``module.``-prefixed keys, which a run with another number of
+    processes cannot load."""
+
+    def save_hook(models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            if i < len(weights):
+                weights[i] = accelerator.unwrap_model(model).state_dict()
+
+    def load_hook(models, input_dir) -> None:
+        for i, model in enumerate(models):
+            models[i] = accelerator.unwrap_model(model)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _checkpoint_steps(root: str) -> list[tuple[int, str]]:
+    """``(step, folder)`` of the complete checkpoint folders in ``root`` (``checkpoint-<step>``, or a
+    ``checkpoint-<step>.old`` left by a run killed while replacing one of the same step), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found: dict[int, str] = {}
+    for name in os.listdir(root):
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)(\.old)?", name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            step = int(match.group(1))
+            if match.group(2) is None or step not in found:
+                found[step] = os.path.join(root, name)
+    return sorted(found.items())
+
+
+def resolve_checkpoint(resume: str, root: str) -> str:
+    """The checkpoint folder that ``--resume`` names: ``"last"`` is the newest complete one in ``root``; anything
+    else must be a folder written by :func:`save_checkpoint`. A missing one raises a ``ValueError`` naming
+    ``--resume``."""
+    if resume == "last":
+        found = _checkpoint_steps(root)
+        if not found:
+            raise ValueError(f"--resume last: no checkpoint folder in {root}")
+        return found[-1][1]
+    if not os.path.isdir(resume):
+        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (written by Accelerator.save_state, such "
+                         f"as {os.path.join(root, CHECKPOINT_PREFIX + '<step>')})")
+    return resume
+
+
+def save_checkpoint(accelerator, root: str, step: int, keep: int = 2) -> str:
+    """``accelerator.save_state`` into ``root/checkpoint-<step>``, called on every process. The state is written to
+    a ``.tmp`` folder first and renamed once complete, so a run killed while saving leaves the previous checkpoint
+    whole; the ``keep`` newest checkpoints are kept (so one that another process is reading is not removed under
+    it). Returns the folder."""
+    final = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replaced = None
+        if os.path.isdir(final):  # a second save at the same step (the end of a run): move the first one aside
+            replaced = final + ".old"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(temporary, final)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        for _, folder in _checkpoint_steps(root)[:-keep]:
+            shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def schedule_position(steps: int, elapsed_seconds: float, budget_seconds: float, warmup_steps: int,
+                      max_steps: int) -> int:
+    """Where a warm-up + decay schedule over ``max_steps`` steps should stand after ``steps`` optimizer steps when
+    the run also has a time budget: the step count during the warm-up; after it, the step count or the time
+    budget's share of the decay, ``warmup_steps + ⌊elapsed / budget · (max_steps − warmup_steps)⌋``, whichever is
+    further. A run that its time budget ends long before ``max_steps`` thus still decays to the end."""
+    if steps < warmup_steps:
+        return steps
+    by_time = warmup_steps + math.floor(min(elapsed_seconds / budget_seconds, 1.0) * (max_steps - warmup_steps))
+    return max(steps, by_time)
+
+
+def set_schedule_position(scheduler, position: int | None = None, base_lr: float | None = None) -> None:
+    """Move ``scheduler`` (a ``torch`` ``LambdaLR`` as ``transformers.get_scheduler`` returns, or accelerate's wrapper
+    of one) to ``position`` steps (``None``: where it stands) and give its optimizer that step's learning rate.
+    ``base_lr`` replaces the peak learning rate, e.g. this run's after ``load_state`` restored a checkpoint's; the
+    schedule's shape (warm-up, horizon, floor) is always the one it was made with in this run."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if base_lr is not None:
+        inner.base_lrs = [base_lr] * len(inner.base_lrs)
+    inner.last_epoch = (inner.last_epoch if position is None else position) - 1
+    inner.step()

@@ -1,6 +1,7 @@
 """The ShapesWorld recipes in trainers/ run end to end on tiny configs and save loadable components."""
 
 import json
+import os
 
 import pytest
 
@@ -84,6 +85,65 @@ def test_shapes_vae_recipe(tmp_path):
     assert [point["step"] for point in on_disk["eval_curve"]] == [0, 2]
     for key in ("config", "command", "final_psnr", "initial_psnr", "train_wall_seconds", "train_curve"):
         assert key in on_disk, key
+
+
+def test_shapes_vae_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A VAE run killed in step 4, after its step-3 checkpoint, then ``--resume last``, ends with the weights, latent
+    statistics and curves of the same run never stopped; a run under torchrun is refused naming the launch."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    recipe = load_recipe("shapes_vae")
+    config = write_config(tmp_path / "vae.yaml", z_dim=4, base_dim=8, dim_mult=[1, 1, 1, 1], num_frames=5,
+                          batch_size=1, crop_size=32, max_steps=5, warmup_steps=2, learning_rate=1e-3,
+                          sample_posterior=True, eval_every_steps=2, checkpoint_every_steps=3, eval_num_clips=1,
+                          eval_num_frames=5, stats_num_clips=2, num_threads=1)
+    whole = recipe.main(["--config", config, "--output_dir", str(tmp_path / "whole")])
+
+    original, calls = recipe.reconstruction_loss, []
+
+    def killed_in_step_4(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "reconstruction_loss", killed_in_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "killed" / "vae_checkpoints")) == ["checkpoint-3"]
+    resumed = recipe.main(["--config", config, "--output_dir", str(tmp_path / "killed"), "--resume", "last"])
+
+    assert resumed["resumed_from"]["step"] == 3 and resumed["steps"] == whole["steps"] == 5
+    assert resumed["train_curve"] == whole["train_curve"] and len(whole["train_curve"]) == 1  # steps 1-5 averaged
+    assert [(e["step"], e["psnr"]) for e in resumed["eval_curve"]] == [(e["step"], e["psnr"]) for e in
+                                                                       whole["eval_curve"]]
+    assert [e["step"] for e in whole["eval_curve"]] == [0, 2, 4, 5]
+    assert resumed["latents_mean"] == whole["latents_mean"] and resumed["latents_std"] == whole["latents_std"]
+    a, b = (AutoencoderKLWan.from_pretrained(tmp_path / run / "vae").state_dict() for run in ("killed", "whole"))
+    assert all(torch.equal(a[k], v) for k, v in b.items())
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process.*WORLD_SIZE"):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "two")])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="--resume"):
+        recipe.main(["--config", config, "--output_dir", str(tmp_path / "none"), "--resume", "last"])
+
+
+def test_recipe_schedule_position_follows_steps_then_the_time_budget():
+    """The learning-rate clock of the VAE and teacher loops: the step count through the warm-up, then the step count
+    or the time budget's share of the decay, whichever is further (never past ``max_steps``)."""
+    from diffusers_raven.utils.recipes import schedule_position
+
+    # warm-up 10 of 110 steps: half the budget spent is position 10 + 50 = 60
+    assert schedule_position(5, 50.0, 100.0, 10, 110) == 5  # in the warm-up the steps decide
+    assert schedule_position(10, 50.0, 100.0, 10, 110) == 60
+    assert schedule_position(70, 50.0, 100.0, 10, 110) == 70
+    assert schedule_position(12, 25.5, 100.0, 10, 110) == 35  # 10 + floor(25.5)
+    assert schedule_position(20, 500.0, 100.0, 10, 110) == 110
+    assert schedule_position(3, 99.0, 100.0, 0, 4) == 3  # floor(0.99 * 4) = 3
 
 
 @pytest.mark.parametrize("decoder_base_dim", [None, 12])

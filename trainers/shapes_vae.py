@@ -1,6 +1,7 @@
 """ShapesWorld model chain, stage 2: train a small Wan VAE (``AutoencoderKLWan``) on ShapesWorld clips.
 
     python trainers/shapes_vae.py --config trainers/shapes_vae.yaml
+    python trainers/shapes_vae.py --config trainers/shapes_vae.yaml --resume last   # continue a run
 
 Every step renders fresh clips from new scene seeds (rendering is cheap next to the VAE), takes a random spatial
 crop of each (the VAE is convolutional, so crops cut the cost per step and it still encodes whole 64x64 frames), and
@@ -8,12 +9,21 @@ minimises a reconstruction loss (L1 or MSE in [-1, 1] pixel units, on the decode
 ``vae.decode`` so saturated pixels keep their gradient) plus ``beta_kl`` times the KL divergence of the
 posterior to N(0, I). With ``sample_posterior: false`` the decoder sees the posterior mean in training, as it does
 in evaluation and downstream (in a 10-minute CPU try, decoding samples kept the held-out PSNR below 10 dB).
-The learning rate warms up linearly, then follows a cosine to ``min_lr_ratio`` over the run's progress,
-``max(step / max_steps, elapsed / time budget)``, so a run cut short by its time budget still anneals.
+The loop runs on ``accelerate`` (an ``Accelerator`` on the CPU, one process). The learning rate follows
+``transformers``' ``cosine_with_min_lr`` schedule: linear warm-up from 0 over ``warmup_steps``, then a cosine to
+``min_lr_ratio`` times the peak at ``max_steps``; after the warm-up the schedule's step count is moved ahead to the
+time budget's share of the cosine when that is further (``diffusers_raven.utils.recipes.schedule_position``), so a run
+cut short by its time budget still anneals.
 
 Evaluation: reconstruction PSNR of whole held-out clips (seeds from ``eval_seed``, a range disjoint from the training
 seeds), full resolution, encoded to the posterior mode and decoded with ``vae.decode``; measured at step 0, every
 ``eval_every_steps`` and at the end. Stopping early (Ctrl-C or SIGTERM) ends the loop and still saves everything.
+
+Checkpoints: every ``checkpoint_every_steps`` (and at the end) ``Accelerator.save_state`` writes the VAE, optimizer,
+learning-rate schedule, RNG states and the run's progress (step, elapsed training time, crop generator, curves) to
+``<output_dir>/vae_checkpoints/checkpoint-<step>`` (written under a temporary name and renamed once complete; the two
+newest are kept). ``--resume last`` (or a checkpoint folder) continues from it with ``Accelerator.load_state``: a run
+killed after a checkpoint and resumed takes the same steps as one that was never stopped.
 
 Before saving, ``latents_mean``/``latents_std`` in the VAE config are set to the per-channel mean/std of the latents
 (posterior mode) of ``stats_num_clips`` training clips, so ``normalize_latents`` gives ~unit-variance latents.
@@ -33,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -42,12 +51,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderKLWan
 from PIL import Image
+from transformers import get_scheduler
 
 from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
 from diffusers_raven.shapes import render_video, sample_scene
-from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
+from diffusers_raven.utils.recipes import (
+    add_override_arguments,
+    load_recipe_config,
+    override_arguments,
+    resolve_checkpoint,
+    save_checkpoint,
+    schedule_position,
+    set_schedule_position,
+)
+
+CHECKPOINT_DIR = "vae_checkpoints"
 
 
 @dataclass
@@ -58,7 +79,8 @@ class ShapesVAEConfig:
     temporal compression is Wan's 4x), ``model_seed``, ``init_logvar``.
     Parameters that control the data: ``num_frames`` (1 + 4k), ``batch_size``, ``crop_size``, ``train_seed``.
     Parameters that control the training: ``loss``, ``sample_posterior``, ``beta_kl``, ``learning_rate``,
-    ``min_lr_ratio``, ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ``max_steps``, ``time_budget_minutes``.
+    ``min_lr_ratio``, ``warmup_steps``, ``weight_decay``, ``max_grad_norm``, ``max_steps``, ``time_budget_minutes``,
+    ``checkpoint_every_steps``.
     Parameters that control the evaluation and outputs: ``eval_*``, ``stats_num_clips``, ``output_dir``.
     """
 
@@ -103,6 +125,7 @@ class ShapesVAEConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     max_steps: int = field(default=10_000, metadata={"help": "stop after this many steps"})
     time_budget_minutes: float = field(default=30.0, metadata={"help": "stop the training loop after this time"})
+    checkpoint_every_steps: int = field(default=200, metadata={"help": "checkpoint interval (0 disables)"})
     # evaluation and outputs
     eval_every_steps: int = field(default=100, metadata={"help": "evaluate every this many steps"})
     eval_seed: int = field(default=1_000_000_000, metadata={"help": "first held-out scene seed"})
@@ -131,6 +154,14 @@ class ShapesVAEConfig:
             raise ValueError(f"decoder_base_dim={self.decoder_base_dim} must be None or a positive int")
         if self.crop_size % 8 or not 8 <= self.crop_size <= 64:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of 8 in [8, 64]")
+        for name in ("batch_size", "max_steps", "eval_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup_steps < 0 or self.checkpoint_every_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} and checkpoint_every_steps="
+                             f"{self.checkpoint_every_steps} must be >= 0")
+        if self.time_budget_minutes <= 0:
+            raise ValueError(f"time_budget_minutes={self.time_budget_minutes} must be positive")
 
 
 def load_config(path: str, overrides: dict | None = None) -> ShapesVAEConfig:
@@ -213,14 +244,6 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
 
 
-def learning_rate_at(step: int, progress: float, config: ShapesVAEConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then a cosine from the peak to ``min_lr_ratio`` over ``progress``."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKLWan, clips: torch.Tensor) -> torch.Tensor:
@@ -279,16 +302,49 @@ class StopFlag:
         self.stop = True
 
 
+class TrainingProgress:
+    """What a checkpoint holds besides the VAE, optimizer, learning-rate schedule and RNG states that
+    ``Accelerator.save_state`` writes: the step, the training seconds so far, the crop generator, the curves and the
+    losses summed since the last logged step (registered with ``accelerator.register_for_checkpointing``)."""
+
+    RESUMED_RESULTS = ("eval_curve", "train_curve")
+
+    def __init__(self, crop_generator: torch.Generator, results: dict) -> None:
+        self.step, self.elapsed_seconds = 0, 0.0
+        self.crop_generator, self.results = crop_generator, results
+        self.running = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0, "n": 0}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds,
+                "crop_generator": self.crop_generator.get_state(), "results": self.results,
+                "running": dict(self.running)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.elapsed_seconds = state["step"], state["elapsed_seconds"]
+        self.running = dict(state["running"])
+        self.crop_generator.set_state(state["crop_generator"])
+        for key in self.RESUMED_RESULTS:  # the curves continue; config and command are this run's
+            self.results[key] = state["results"][key]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with ShapesVAEConfig fields")
     add_override_arguments(parser)
+    parser.add_argument("--resume", default=None, help="a checkpoint folder (<output_dir>/vae_checkpoints/"
+                                                       "checkpoint-<step>), or 'last' for <output_dir>'s newest")
     cli = parser.parse_args(argv)
     config = load_config(cli.config, override_arguments(cli))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise ValueError(f"shapes_vae.py trains in one process; it was launched as {processes} (WORLD_SIZE): run it "
+                         "with python, not torchrun")
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)  # the recipe trains on the CPU
     command = " ".join(["python", "trainers/shapes_vae.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)
     metrics_path = os.path.join(config.output_dir, "vae_metrics.json")
+    checkpoint_root = os.path.join(config.output_dir, CHECKPOINT_DIR)
 
     vae = load_initial_vae(config) if config.init_from else build_vae(config)
     if not config.train_encoder:
@@ -303,6 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
     trained = [p for p in vae.parameters() if p.requires_grad]
     num_trained = sum(p.numel() for p in trained)
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=config.max_steps,
+                              scheduler_specific_kwargs={"min_lr_rate": config.min_lr_ratio})
+    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
     crop_generator = torch.Generator().manual_seed(config.train_seed)
     eval_clips = render_clips([config.eval_seed + i for i in range(config.eval_num_clips)], config.eval_num_frames)
     print(f"vae: {num_parameters:,} parameters ({num_trained:,} trained); eval on {config.eval_num_clips} held-out "
@@ -316,35 +376,49 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_curve": [],
         "train_curve": [],
     }
+    progress = TrainingProgress(crop_generator, results)
+    accelerator.register_for_checkpointing(progress)
+    if cli.resume is not None:
+        path = resolve_checkpoint(cli.resume, checkpoint_root)
+        accelerator.load_state(path)
+        set_schedule_position(scheduler, base_lr=config.learning_rate)  # this run's schedule at the restored step
+        results["resumed_from"] = {"path": path, "step": progress.step}
+        print(f"resumed from {path} at step {progress.step} ({progress.elapsed_seconds:.0f} s of training so far)")
+    elapsed_before = progress.elapsed_seconds
 
     def record_eval(step: int, elapsed: float) -> torch.Tensor:
         scores, reconstruction = evaluate(vae, eval_clips)
+        if results["eval_curve"] and results["eval_curve"][-1]["step"] == step:  # e.g. a resumed run that had ended
+            results["eval_curve"].pop()
         results["eval_curve"].append({"step": step, "elapsed_seconds": round(elapsed, 1), **scores})
         print(f"eval step {step}: psnr {scores['psnr']:.2f} dB (min {scores['psnr_min']:.2f}) at {elapsed:.0f} s")
         with open(metrics_path, "w") as f:  # a partial file survives a killed run
             json.dump({**results, "finished": False}, f, indent=2)
         return reconstruction
 
+    def checkpoint(elapsed: float) -> None:
+        progress.elapsed_seconds = elapsed
+        save_checkpoint(accelerator, checkpoint_root, progress.step)
+
     stop = StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     budget_seconds = 60.0 * config.time_budget_minutes
     start = time.perf_counter()
-    record_eval(0, 0.0)
-    step, stop_reason = 0, "max_steps"
-    running = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0, "n": 0}
+    if not results["eval_curve"]:
+        record_eval(0, 0.0)
+    stop_reason = "max_steps"
+    running = progress.running
     try:
-        while step < config.max_steps:
-            elapsed = time.perf_counter() - start
+        while progress.step < config.max_steps:
+            step = progress.step
+            elapsed = elapsed_before + time.perf_counter() - start
             if elapsed >= budget_seconds:
                 stop_reason = "time_budget"
                 break
             if stop.stop:
                 stop_reason = "signal"
                 break
-            progress = max(step / config.max_steps, elapsed / budget_seconds)
-            lr = learning_rate_at(step, progress, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = scheduler.get_last_lr()[0]
 
             seeds = [config.train_seed + step * config.batch_size + i for i in range(config.batch_size)]
             clips = random_crop(render_clips(seeds, config.num_frames), config.crop_size, crop_generator)
@@ -357,30 +431,38 @@ def main(argv: list[str] | None = None) -> dict:
             kl = kl_to_standard_normal(posterior.mean, posterior.logvar)
             loss = rec_loss + config.beta_kl * kl
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trained, config.max_grad_norm)
             optimizer.step()
-            step += 1
+            progress.step = step = step + 1
+            set_schedule_position(scheduler, schedule_position(step, elapsed, budget_seconds, config.warmup_steps,
+                                                           config.max_steps))
 
             for key, value in (("loss", loss), ("reconstruction", rec_loss), ("kl", kl)):
                 running[key] += value.detach().item()
             running["n"] += 1
             if step % 10 == 0 or step == config.max_steps:
-                n = running.pop("n")
-                entry = {"step": step, "lr": lr, **{k: v / n for k, v in running.items()}}
+                n = running["n"]
+                entry = {"step": step, "lr": lr, **{k: v / n for k, v in running.items() if k != "n"}}
                 results["train_curve"].append(entry)
                 print(f"step {step}: loss {entry['loss']:.4f} rec {entry['reconstruction']:.4f} "
-                      f"kl {entry['kl']:.1f} lr {lr:.2e} ({time.perf_counter() - start:.0f} s)", flush=True)
-                running = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0, "n": 0}
+                      f"kl {entry['kl']:.1f} lr {lr:.2e} ({elapsed_before + time.perf_counter() - start:.0f} s)",
+                      flush=True)
+                running.update(loss=0.0, reconstruction=0.0, kl=0.0, n=0)
             if step % config.eval_every_steps == 0 and step < config.max_steps:
-                record_eval(step, time.perf_counter() - start)
+                record_eval(step, elapsed_before + time.perf_counter() - start)
+            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                checkpoint(elapsed_before + time.perf_counter() - start)
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    train_seconds = time.perf_counter() - start
+    train_seconds = elapsed_before + time.perf_counter() - start
+    step = progress.step
 
     final_reconstruction = record_eval(step, train_seconds)
+    if config.checkpoint_every_steps:
+        checkpoint(train_seconds)
     if config.train_encoder:
         stats_clips = render_clips([config.train_seed + i for i in range(config.stats_num_clips)],
                                    config.eval_num_frames)
@@ -424,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"done: {step} steps in {train_seconds:.0f} s ({stop_reason}); final psnr {final['psnr']:.2f} dB; "
           f"normalised held-out latents mean {results['held_out_normalized_latent_mean']:.3f} "
           f"std {results['held_out_normalized_latent_std']:.3f}; saved {vae_dir}")
+    accelerator.end_training()
     return results
 
 

@@ -88,7 +88,7 @@ def test_ode_regression_learns(tmp_path, teacher):
                                use_cpu=True, save_strategy="no", seed=0)
     trainer = ODERegressionTrainer(model=pipe, args=args, train_dataset=data)
     trainer.train()
-    losses = [h["loss/ode"] for h in trainer.state.log_history if "loss/ode" in h]
+    losses = [h["ode/loss"] for h in trainer.state.log_history if "ode/loss" in h]
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="ode_states"):
         from datasets import Dataset

@@ -269,8 +269,8 @@ def raven_args(config: ShapesDistillConfig, mode: str, run_dir: str, max_sequenc
 
 def loss_curve(log_history: list[dict]) -> list[dict]:
     """The logged DMD and critic losses (and the DMD gradient norm) per logging step."""
-    keys = ("loss/dmd", "loss/critic", "dmd/grad_norm")
-    return [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "loss/dmd" in h]
+    keys = ("dmd/loss", "critic/loss", "dmd/score_norm")
+    return [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "dmd/loss" in h]
 
 
 def train_mode(config: ShapesDistillConfig, mode: str, prompts: list[str], max_sequence_length: int,
@@ -317,8 +317,8 @@ def train_mode(config: ShapesDistillConfig, mode: str, prompts: list[str], max_s
         "budget": {"kind": config.budget, "train_seconds": 60.0 * config.time_budget_minutes
                    if config.budget == "time" else None, "max_steps": config.max_steps,
                    "num_threads": config.num_threads},
-        "train_seconds": round(budget.elapsed, 1),
-        "train_seconds_before_resume": round(budget.elapsed_at_start, 1),
+        "train_seconds": round(budget.elapsed, 3),
+        "train_seconds_before_resume": round(budget.elapsed_at_start, 3),
         "seconds_per_step": round(budget.elapsed / max(steps, 1), 3),
         "wall_seconds_this_run": round(wall_seconds, 1),
         "steps_this_run": steps - budget.start_step,

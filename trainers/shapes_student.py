@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_this_run": steps_this_run,
         "seconds_per_step": round(train_seconds / max(steps_this_run, 1), 3),
         "train_metrics": train_result.metrics,
-        "loss_curve": [{"step": h["step"], "loss": h["loss/ode"]} for h in trainer.state.log_history
-                       if "loss/ode" in h],
+        "loss_curve": [{"step": h["step"], "loss": h["ode/loss"]} for h in trainer.state.log_history
+                       if "ode/loss" in h],
     })
     print(f"trained {trainer.state.global_step} steps in {train_seconds:.0f} s ({results['stop_reason']}); "
           f"saved {student_dir}", flush=True)

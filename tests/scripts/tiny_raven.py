@@ -26,17 +26,17 @@ def build(output_dir: str, history: str = "raven", max_steps: int = 2, save_step
     if history == "teacher_forcing":
         g = torch.Generator().manual_seed(2)
         columns["latents"] = [torch.randn(4, 6, 4, 4, generator=g).tolist() for _ in prompts]
-    args = RavenConfig(
+    settings = dict(
         output_dir=output_dir, history=history, max_steps=max_steps, per_device_train_batch_size=1, num_frames=21,
         height=32, width=32, max_sequence_length=16, logging_steps=1, save_steps=save_steps, use_cpu=True,
         learning_rate=1e-3, critic_learning_rate=1e-3, critic_updates_per_generator_update=1, seed=0,
-        **overrides,
     )
+    args = RavenConfig(**{**settings, **overrides})
     return RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=Dataset.from_dict(columns))
 
 
 def losses(trainer) -> list[float]:
-    return [h["loss/dmd"] for h in trainer.state.log_history if "loss/dmd" in h]
+    return [h["dmd/loss"] for h in trainer.state.log_history if "dmd/loss" in h]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Trainers in TRL 1.x form: a ``...Config`` extending ``transformers.TrainingArguments`` and a ``...Trainer``
-extending ``transformers.Trainer``."""
+"""Trainers in TRL 1.x form: a ``...Config`` extending :class:`VideoTrainerConfig` (itself a
+``transformers.TrainingArguments``) and a ``...Trainer`` extending :class:`CausalVideoTrainerBase` (itself a
+``transformers.Trainer``)."""
 
 from .base import CausalVideoTrainerBase
+from .config import VideoTrainerConfig
 from .ode_trainer import ODERegressionConfig, ODERegressionTrainer, build_ode_dataset
 from .raven_config import HISTORY_MODES, RavenConfig
 from .raven_trainer import RavenTrainer
@@ -13,5 +15,6 @@ __all__ = [
     "ODERegressionTrainer",
     "RavenConfig",
     "RavenTrainer",
+    "VideoTrainerConfig",
     "build_ode_dataset",
 ]

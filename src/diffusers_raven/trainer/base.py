@@ -1,9 +1,23 @@
-"""What every diffusers-raven trainer shares: components, prompt encoding, reproducible randomness, EMA, extra
-checkpoint state, metrics, and saving a loadable pipeline folder with a model card.
+"""What every diffusers-raven trainer shares, in the shape of TRL's GRPO trainer.
 
-The trainers extend :class:`transformers.Trainer` (as TRL's trainers do). ``Trainer.model`` is the causal student
-transformer; the text encoder and the VAE stay frozen outside it. All randomness of a step comes from generators
-seeded by ``(seed, global step, process, purpose)``, so a resumed run draws exactly what the uninterrupted run drew.
+- **Data**: a `datasets.Dataset` of prompts. The train dataloader yields *generation batches*
+  (``per_device_train_batch_size × steps_per_generation`` rows per process, each prompt repeated
+  ``num_generations`` times, TRL's ``RepeatSampler``).
+- **Rollouts** in ``_prepare_inputs``: once per generation batch the trainer calls :meth:`_generate` (no-grad
+  rollouts, rewards, critic updates: whatever the method prepares), splits the result into ``steps_per_generation``
+  micro-batches and serves one per call. The loss of a micro-batch is :meth:`compute_loss`; ``transformers.Trainer``
+  does the backward pass, gradient accumulation, clipping and the optimizer step.
+- **Chunk sampler**: rollouts run through :class:`~diffusers_raven.pipelines.ChunkSampler`, the routine the
+  pipeline streams with, so training sees the history inference makes (context noise included).
+- **Randomness**: every draw comes from generators seeded by ``(seed, generation batch, sample, purpose)``, so a
+  sample draws the same numbers whatever the micro-batching or process count, and a resumed run draws exactly what
+  the uninterrupted run drew.
+- **Metrics** with TRL's naming: ``log_metric`` collects per-step values, averaged over the logging interval and
+  over processes; evaluation (:meth:`evaluate`) generates the model's own videos for the eval prompts and reports
+  ``eval_reward``, ``eval_rewards/<name>/mean`` and ``/std``.
+- **EMA** through ``diffusers.training_utils.EMAModel``; checkpoints hold the student as a diffusers folder (or a
+  LoRA adapter), the EMA and each trainer's extra modules; ``save_model`` writes a loadable pipeline folder and a
+  model card built with ``huggingface_hub.ModelCard``.
 """
 
 from __future__ import annotations
@@ -11,18 +25,27 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from ..models import CausalWanTransformer3DModel
+from ..models import CausalWanTransformer3DModel, KVCache
+from ..models.kv_cache import check_window
 from ..pipelines import CausalVideoPipeline
+from ..pipelines.chunk_sampler import CacheDenoiser, ChunkSampler, ChunkTrajectory
+from ..schedulers import ConsistencyFlowMatchScheduler
+from ..training import RolloutRecord
+from .config import VideoTrainerConfig
 
 EXTRA_STATE_DIR = "raven_state"
+RewardFunc = Callable[..., Sequence[float | None]]
 
 
 class _PromptCollator:
@@ -38,12 +61,53 @@ class _PromptCollator:
         return batch
 
 
-class _StepEndCallback(TrainerCallback):
+class _TrainerHooks(TrainerCallback):
+    """Connects the trainer's own bookkeeping to ``transformers.Trainer``'s events."""
+
     def __init__(self, trainer: CausalVideoTrainerBase) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run continues the micro-step count (it seeds the draws) and makes a fresh generation batch.
+        self.trainer._step = state.global_step * args.gradient_accumulation_steps
+        self.trainer._buffered_inputs = None
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._on_step_end()
+
+
+def _epoch_repeat_sampler(dataset, mini_repeat_count: int, batch_size: int, repeat_count: int, shuffle: bool,
+                          seed: int):
+    """TRL's ``RepeatSampler`` reseeded per epoch (``set_epoch``), so a run resumed in a later epoch draws the same
+    prompt order as the uninterrupted run."""
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochRepeatSampler(RepeatSampler):
+        def set_epoch(self, epoch: int) -> None:
+            if self.shuffle:
+                self.generator.manual_seed(seed + epoch)
+
+    return EpochRepeatSampler(dataset, mini_repeat_count=mini_repeat_count, batch_size=batch_size,
+                              repeat_count=repeat_count, shuffle=shuffle, seed=seed)
+
+
+def _batched(value: Any) -> bool:
+    return isinstance(value, (list, RolloutRecord)) or (isinstance(value, torch.Tensor) and value.ndim > 0)
+
+
+def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Split a generation batch into ``parts`` micro-batches along the batch dimension (lists, tensors and
+    :class:`~diffusers_raven.training.RolloutRecord`); scalars are shared."""
+    sizes = {v.batch_size if isinstance(v, RolloutRecord) else len(v) for v in batch.values() if _batched(v)}
+    if len(sizes) != 1:
+        raise ValueError(f"The generation batch's entries disagree on the batch size: {sorted(sizes)}.")
+    size = sizes.pop()
+    if size % parts:
+        raise ValueError(f"A generation batch of {size} rows does not split into {parts} micro-batches.")
+    step = size // parts
+    return [
+        {k: v[i * step : (i + 1) * step] if _batched(v) else v for k, v in batch.items()} for i in range(parts)
+    ]
 
 
 def resolve_pipeline(model, pipeline: CausalVideoPipeline | None) -> tuple[CausalWanTransformer3DModel, CausalVideoPipeline]:
@@ -65,21 +129,70 @@ def resolve_pipeline(model, pipeline: CausalVideoPipeline | None) -> tuple[Causa
     )
 
 
+def reward_name(fn: RewardFunc) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def score_videos(reward_funcs: Sequence[RewardFunc], prompts: list[str], videos: torch.Tensor,
+                 columns: dict[str, list] | None = None) -> torch.Tensor:
+    """``[B, n_funcs]`` float64 scores of every reward function (NaN where a function returned ``None``).
+
+    A function that returns the wrong number of scores, a non-number or NaN raises a ``ValueError`` naming it."""
+    columns = columns or {}
+    scores = torch.full((len(prompts), len(reward_funcs)), float("nan"), dtype=torch.float64)
+    for j, fn in enumerate(reward_funcs):
+        values = list(fn(prompts=prompts, videos=videos, **columns))
+        if len(values) != len(prompts):
+            raise ValueError(
+                f"The reward function `{reward_name(fn)}` returned {len(values)} scores for {len(prompts)} videos."
+            )
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                torch.is_tensor(value) and value.numel() == 1
+            ):
+                raise ValueError(f"The reward function `{reward_name(fn)}` returned {value!r}: scores are numbers.")
+            value = float(value)
+            if math.isnan(value):
+                raise ValueError(f"The reward function `{reward_name(fn)}` returned NaN (use None for no score).")
+            scores[i, j] = value
+    return scores
+
+
 class CausalVideoTrainerBase(Trainer):
-    """Shared machinery of the diffusers-raven trainers (see the module docstring)."""
+    """Shared machinery of the diffusers-raven trainers (see the module docstring).
+
+    Subclasses implement :meth:`_generate` (optional: the no-grad part of a step, once per generation batch) and
+    :meth:`compute_loss` (the loss of one micro-batch, with gradients).
+    """
 
     _tag_names: list[str] = ["diffusers-raven", "video-generation", "autoregressive"]
     _method_name = "diffusers-raven"
     _citation = ""
+    config_class: type[VideoTrainerConfig] = VideoTrainerConfig
+    #: Rollouts per prompt (TRL's ``num_generations``); RL trainers set it from their config.
+    num_generations: int = 1
+    #: Optimisation passes per generation batch (TRL's ``num_iterations``).
+    num_iterations: int = 1
 
-    def __init__(self, model, args, train_dataset=None, eval_dataset=None, pipeline=None, peft_config=None,
-                 callbacks=None, optimizers=(None, None)):
+    def __init__(self, model, args, train_dataset=None, eval_dataset=None, reward_funcs=None, pipeline=None,
+                 peft_config=None, callbacks=None, optimizers=(None, None)):
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}.")
         student, pipe = resolve_pipeline(model, pipeline)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a `datasets.Dataset` with a `prompt` column.")
-        if "prompt" not in getattr(train_dataset, "column_names", []):
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is not None and "prompt" not in (getattr(dataset, "column_names", None) or []):
+                raise ValueError(
+                    f"`{name}` must have a `prompt` column; it has {getattr(dataset, 'column_names', None)}."
+                )
+        self.reward_funcs = self._check_rewards(reward_funcs, args)
+        if eval_dataset is not None and not self.reward_funcs:
             raise ValueError(
-                f"`train_dataset` must have a `prompt` column; it has {getattr(train_dataset, 'column_names', None)}."
+                "`eval_dataset` is scored with reward functions on the model's own videos: pass `reward_funcs` "
+                "(e.g. `diffusers_raven.rewards.semantic_reward` for ShapesWorld captions)."
             )
         self.peft_config = peft_config
         if peft_config is not None:
@@ -89,8 +202,12 @@ class CausalVideoTrainerBase(Trainer):
         for frozen in (pipe.text_encoder, pipe.vae):
             frozen.requires_grad_(False).eval()
         self.pipeline = pipe
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.ema: dict[str, torch.Tensor] | None = None
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._buffered_inputs: list[dict[str, Any]] | None = None
+        self._step = 0
+        self._generation = 0
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._setup_video(pipe, args)
         super().__init__(
             model=student,
             args=args,
@@ -100,26 +217,82 @@ class CausalVideoTrainerBase(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.add_callback(_StepEndCallback(self))
+        self.add_callback(_TrainerHooks(self))
         device = self.accelerator.device
         pipe.text_encoder.to(device)
         pipe.vae.to(device)
-        if getattr(args, "ema_decay", None) is not None:
-            self.ema = {n: p.detach().float().clone() for n, p in student.named_parameters() if p.requires_grad}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.ema: EMAModel | None = None
+        if args.ema_decay is not None:
+            # A fixed decay (min_decay = decay); update_after_step = start − 1 copies the weights through step `start`.
+            self.ema = EMAModel(self._ema_parameters(student), decay=args.ema_decay, min_decay=args.ema_decay,
+                                update_after_step=args.ema_start_step - 1)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_rewards(reward_funcs, args) -> list[RewardFunc]:
+        if reward_funcs is None:
+            funcs = []
+        elif callable(reward_funcs):
+            funcs = [reward_funcs]
+        else:
+            funcs = list(reward_funcs)
+        for fn in funcs:
+            if not callable(fn):
+                raise TypeError(f"`reward_funcs` must be callables `fn(prompts, videos, **columns)`, got {fn!r}.")
+        if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(args.reward_weights)} entries for {len(funcs)} reward functions."
+            )
+        return funcs
+
+    def _setup_video(self, pipe: CausalVideoPipeline, args: VideoTrainerConfig) -> None:
+        """Geometry of the training videos and the chunk sampler of the rollouts."""
+        latent_frames = pipe.latent_frames_for(args.num_frames)
+        chunk = pipe.chunk_frames
+        if latent_frames % chunk:
+            raise ValueError(
+                f"`num_frames`={args.num_frames} gives {latent_frames} latent frames, not a whole number of "
+                f"{chunk}-frame chunks; use num_frames = 1 + {pipe.vae_scale_factor_temporal}·({chunk}·n − 1)."
+            )
+        check_window(args.window_frames, args.sink_frames, chunk)
+        self.chunk_sizes = [chunk] * (latent_frames // chunk)
+        self.height = args.height or pipe.default_height
+        self.width = args.width or pipe.default_width
+        factor = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        if self.height % factor or self.width % factor:
+            raise ValueError(f"`height` and `width` must be multiples of {factor}, got {self.height}×{self.width}.")
+        factor = pipe.vae_scale_factor_spatial
+        self.latent_shape = (pipe.transformer.config.in_channels, latent_frames, self.height // factor,
+                             self.width // factor)
+        scheduler = ConsistencyFlowMatchScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(sigmas=args.denoising_sigmas)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.sampler = ChunkSampler(scheduler, args.context_noise)
+        self.sigmas = torch.tensor(self.sampler.sigmas, dtype=torch.float32)
+
+    @staticmethod
+    def _ema_parameters(student) -> list[torch.nn.Parameter]:
+        return [p for p in student.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ helpers
     @property
     def student(self) -> CausalWanTransformer3DModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def step_generator(self, purpose: str, per_process: bool = True) -> torch.Generator:
-        """A generator seeded by (seed, global step, process, purpose): reproducible across resumes; identical on
-        every process when ``per_process=False`` (e.g. Self Forcing's exit step)."""
-        rank = self.args.process_index if per_process else -1
-        key = f"{self.args.seed}/{self.state.global_step}/{rank}/{purpose}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
-        return torch.Generator().manual_seed(seed)
+    def _seeded(self, key: str) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.args.seed}/{key}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+    def sample_generators(self, purpose: str, sample_index: torch.Tensor) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, generation batch, sample, purpose): a sample draws the same
+        numbers whatever the batch size, the micro-batching or the process it is on, and a resumed run draws what the
+        uninterrupted run drew. ``sample_index`` is the batch's ``sample_index`` column."""
+        return [self._seeded(f"{self._generation}/{int(i)}/{purpose}") for i in sample_index]
+
+    def shared_generator(self, purpose: str) -> torch.Generator:
+        """A generator seeded by (seed, generation batch, purpose), the same for every sample and process (e.g. Self
+        Forcing's exit step)."""
+        return self._seeded(f"{self._generation}/shared/{purpose}")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -134,49 +307,176 @@ class CausalVideoTrainerBase(Trainer):
                 self._text_cache[prompt] = embed
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    def rollout(
+        self,
+        prompt_embeds: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        model: torch.nn.Module | None = None,
+        **sample_kwargs,
+    ) -> list[ChunkTrajectory]:
+        """The student's chunk-by-chunk sample of a training video through a fresh KV cache: the pipeline's chunk
+        sampler with the training window, sinks and context noise. ``model`` (default: the student) may be the
+        distributed wrapper for a pass with gradients; ``sample_kwargs`` go to :meth:`ChunkSampler.chunks`
+        (``latents``, ``history``, ``start_step``, ``exit_step``, ``grad``, ``record``)."""
+        batch = prompt_embeds.shape[0]
+        channels, frames, h, w = self.latent_shape
+        cache = KVCache.for_model(self.student, batch, window_frames=self.args.window_frames,
+                                  sink_frames=self.args.sink_frames)
+        denoiser = CacheDenoiser(model if model is not None else self.student, cache, prompt_embeds)
+        return list(self.sampler.chunks(denoiser, (batch, channels, h, w), self.pipeline.chunk_frames, frames,
+                                        generator=generator, device=prompt_embeds.device, dtype=self.student.dtype,
+                                        **sample_kwargs))
+
     def log_metric(self, name: str, value: float | torch.Tensor) -> None:
-        self._metrics[name].append(float(value))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][name].append(float(value))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics, averaged over the logging interval and over every process (as TRL does)."""
-        names = sorted(self._metrics)
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        names = sorted(metrics)
         if names:
-            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names],
-                                 device=self.accelerator.device)
+            local = torch.tensor([sum(metrics[n]) / len(metrics[n]) for n in names], device=self.accelerator.device)
             averaged = self.accelerator.gather(local[None]).mean(dim=0)
-            logs.update({n: float(v) for n, v in zip(names, averaged)})
-        self._metrics.clear()
+            prefix = "" if mode == "train" else "eval_"
+            logs = {**logs, **{prefix + n: float(v) for n, v in zip(names, averaged)}}
+        metrics.clear()
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ EMA
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        decay = 0.0 if self.state.global_step <= self.args.ema_start_step else self.args.ema_decay
-        for name, param in self.student.named_parameters():
-            if name in self.ema:
-                self.ema[name].mul_(decay).add_(param.detach().float(), alpha=1 - decay)
+    # ------------------------------------------------------------------ data and steps
+    def get_train_dataloader(self):
+        """Generation batches: ``per_device_train_batch_size × steps_per_generation`` rows per process."""
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
 
+    def _get_train_sampler(self, dataset=None):
+        """Each prompt ``num_generations`` times in one global generation batch, the batch repeated for its
+        ``steps_per_generation × num_iterations`` micro-steps (TRL's ``RepeatSampler``)."""
+        dataset = self.train_dataset if dataset is None else dataset
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.steps_per_generation
+        if global_batch % self.num_generations:
+            raise ValueError(
+                f"The global generation batch ({global_batch} = per_device_train_batch_size × processes × "
+                f"steps_per_generation) must be a multiple of num_generations ({self.num_generations})."
+            )
+        return _epoch_repeat_sampler(dataset, self.num_generations, global_batch // self.num_generations,
+                                     self.num_iterations * self.args.steps_per_generation, shuffle=True,
+                                     seed=self.args.seed)
+
+    def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
+        """Make a generation batch's rollouts once (:meth:`_generate`), then serve its micro-batches in turn.
+
+        Rows get a ``sample_index`` (their position in the global generation batch) that seeds their draws."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._generation = self._step // generate_every
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            rows = len(generation_batch["prompt"])
+            index = torch.arange(rows) + self.args.process_index * rows
+            generation_batch = {**generation_batch, "sample_index": index}
+            self._buffered_inputs = split_batch(self._generate(generation_batch), self.args.steps_per_generation)
+        inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        self._step += 1
+        return inputs
+
+    def _generate(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The no-grad part of a step for a whole generation batch; by default the prompts' text states."""
+        return {**inputs, "prompt_embeds": self.encode_prompts(list(inputs["prompt"]))}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ EMA and samples
     def _on_step_end(self) -> None:
-        self._update_ema()
-        every = getattr(self.args, "sample_every_steps", None)
+        if self.ema is not None:
+            self.ema.step(self._ema_parameters(self.student))
+        every = self.args.sample_every_steps
         if every and self.state.global_step % every == 0 and self.is_world_process_zero():
             self.write_samples(os.path.join(self.args.output_dir, "samples", f"step-{self.state.global_step}.gif"))
 
-    # ------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def generate_videos(self, prompts: list[str], seeds: Sequence[int]) -> torch.Tensor:
+        """The student's videos ``[B, F, 3, H, W]`` in [0, 1] for ``prompts`` at the training size and sampler
+        settings, one seed per video (so a video does not depend on its batch or process)."""
+        out = self.pipeline(
+            prompt_embeds=self.encode_prompts(prompts), num_frames=self.args.num_frames, height=self.height,
+            width=self.width, sigmas=self.args.denoising_sigmas,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds], window_frames=self.args.window_frames,
+            sink_frames=self.args.sink_frames, context_noise=self.args.context_noise, output_type="pt",
+        )
+        return out.frames
+
     @torch.no_grad()
     def write_samples(self, path: str) -> str:
         from ..utils.video import save_video
 
         prompts = self.args.sample_prompts or [self.train_dataset[0]["prompt"]]
-        video = self.pipeline(
-            prompts[:1], num_frames=self.args.num_frames, height=self.args.height, width=self.args.width,
-            generator=torch.Generator().manual_seed(self.args.seed), max_sequence_length=self.args.max_sequence_length,
-        ).frames[0]
+        video = self.generate_videos(prompts[:1], [self.args.seed])[0].permute(0, 2, 3, 1).float().cpu().numpy()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_video(video, path)
         return path
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score the model's own videos for the eval prompts with the reward functions.
+
+        Every process generates its share of the prompts (video ``i`` with seed ``seed + i``, whatever the process
+        count); the scores are gathered and reported as ``<prefix>_reward`` (weighted sum; ``reward_weights``),
+        ``<prefix>_reward_std`` and ``<prefix>_rewards/<name>/mean`` / ``/std`` (samples without a score left
+        out)."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ValueError("`evaluate()` needs an `eval_dataset` (a `datasets.Dataset` with a `prompt` column).")
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if not self.reward_funcs:
+            raise ValueError("`evaluate()` scores videos with reward functions: pass `reward_funcs` to the trainer.")
+        was_training = self.model.training
+        self.model.eval()
+        rank, world = self.args.process_index, self.args.world_size
+        batch = self.args.per_device_eval_batch_size
+        mine = list(range(rank, len(dataset), world))
+        rows = []
+        for start in range(0, len(mine), batch):
+            index = mine[start : start + batch]
+            columns = dataset[index]
+            prompts = list(columns.pop("prompt"))
+            videos = self.generate_videos(prompts, [self.args.seed + i for i in index])
+            rows.append(score_videos(self.reward_funcs, prompts, videos, columns))
+        local = torch.cat(rows) if rows else torch.empty(0, len(self.reward_funcs), dtype=torch.float64)
+        # Equal sizes for the gather: pad with rows marked as padding, dropped after it.
+        size = -(-len(dataset) // world)
+        padded = torch.full((size, len(self.reward_funcs) + 1), float("nan"), dtype=torch.float64)
+        padded[: len(local), :-1] = local
+        padded[: len(local), -1] = 1.0
+        gathered = self.accelerator.gather(padded.to(self.accelerator.device)).cpu()
+        scores = gathered[gathered[:, -1] == 1.0, :-1]
+        metrics = self._reward_metrics(scores, metric_key_prefix)
+        if was_training:
+            self.model.train()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _reward_metrics(self, scores: torch.Tensor, prefix: str) -> dict[str, float]:
+        weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        total = (scores * weights).nansum(dim=1)
+        metrics = {f"{prefix}_reward": float(total.mean()), f"{prefix}_reward_std": float(total.std(unbiased=False))}
+        for j, fn in enumerate(self.reward_funcs):
+            column = scores[:, j][~torch.isnan(scores[:, j])]
+            name = reward_name(fn)
+            metrics[f"{prefix}_rewards/{name}/mean"] = float(column.mean()) if len(column) else float("nan")
+            metrics[f"{prefix}_rewards/{name}/std"] = float(column.std(unbiased=False)) if len(column) else float("nan")
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, Any]:
@@ -193,7 +493,7 @@ class CausalVideoTrainerBase(Trainer):
         folder = os.path.join(output_dir, EXTRA_STATE_DIR)
         os.makedirs(folder, exist_ok=True)
         if self.ema is not None:
-            save_file({k: v.contiguous() for k, v in self.ema.items()}, os.path.join(folder, "ema.safetensors"))
+            torch.save(self.ema.state_dict(), os.path.join(folder, "ema.pt"))
         for name, obj in self.extra_state().items():
             torch.save(self._unwrap(obj).state_dict(), os.path.join(folder, f"{name}.pt"))
 
@@ -202,13 +502,14 @@ class CausalVideoTrainerBase(Trainer):
         if checkpoint is None:
             return
         folder = os.path.join(checkpoint, EXTRA_STATE_DIR)
-        if self.ema is not None and os.path.exists(os.path.join(folder, "ema.safetensors")):
-            self.ema = {k: v.to(self.accelerator.device) for k, v in load_file(os.path.join(folder, "ema.safetensors")).items()}
-        for name, obj in self.extra_state().items():
+        states = {"ema": self.ema} if self.ema is not None else {}
+        states.update(self.extra_state())
+        for name, obj in states.items():
             path = os.path.join(folder, f"{name}.pt")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"Checkpoint {checkpoint} has no {name} state ({path}).")
-            self._unwrap(obj).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self._unwrap(obj).load_state_dict(torch.load(path, map_location=self.accelerator.device,
+                                                         weights_only=True))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and ``save_model`` write the student as a diffusers folder (or a LoRA adapter)."""
@@ -232,8 +533,7 @@ class CausalVideoTrainerBase(Trainer):
             set_peft_model_state_dict(student, {k.removeprefix("transformer."): v for k, v in adapter.items()})
             return
         folder = os.path.join(resume_from_checkpoint, "transformer")
-        weights = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-        student.load_state_dict(weights)
+        student.load_state_dict(load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")))
 
     # ------------------------------------------------------------------ export
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -250,9 +550,7 @@ class CausalVideoTrainerBase(Trainer):
         """A standalone copy of the student: EMA weights when available, a LoRA adapter fused into the weights."""
         exported = copy.deepcopy(self.student)
         if use_ema and self.ema is not None:
-            for name, param in exported.named_parameters():
-                if name in self.ema:
-                    param.copy_(self.ema[name].to(param.dtype))
+            self.ema.copy_to(self._ema_parameters(exported))
         if self.peft_config is not None:
             exported.fuse_lora()
             exported.unload_lora()
@@ -274,60 +572,76 @@ class CausalVideoTrainerBase(Trainer):
         return output_dir
 
     def model_card_fields(self) -> dict[str, Any]:
+        """Method-specific lines of the model card's training section."""
         return {}
 
-    def create_model_card(self, output_dir: str | None = None, **kwargs) -> str:
+    def create_model_card(self, output_dir: str | None = None, model_name: str | None = None, tags=None,
+                          **kwargs) -> str:
+        """Write ``README.md``: a ``huggingface_hub.ModelCard`` with the method, the usage, the training settings,
+        the last logged metrics and the citation (as TRL writes its cards)."""
+        from huggingface_hub import ModelCard, ModelCardData
+
         output_dir = output_dir or self.args.output_dir
-        fields = self.model_card_fields()
-        metrics = {k: v for k, v in (self.state.log_history[-1] if self.state.log_history else {}).items()}
+        base_model = self.student.config.get("_name_or_path") or None
+        tag_list = list(dict.fromkeys([*self._tag_names, *([tags] if isinstance(tags, str) else tags or [])]))
+        card_data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-video", tags=tag_list,
+                                  base_model=base_model if base_model and not os.path.isdir(base_model) else None)
+        metrics = dict(self.state.log_history[-1]) if self.state.log_history else {}
         config = {k: v for k, v in self.args.to_dict().items() if not k.startswith("_") and "token" not in k}
-        lines = [
-            "---",
-            "library_name: diffusers",
-            "pipeline_tag: text-to-video",
-            "tags:",
-            *[f"- {t}" for t in self._tag_names],
-            "---",
-            "",
-            f"# {os.path.basename(os.path.abspath(output_dir))}",
-            "",
-            f"A causal, streaming text-to-video generator trained with **{self._method_name}** in "
-            "[diffusers-raven](https://pypi.org/project/diffusers-raven/).",
-            "",
-            "```python",
-            "from diffusers_raven import CausalVideoPipeline",
-            "",
-            f'pipe = CausalVideoPipeline.from_pretrained("{self.args.hub_model_id or output_dir}")',
-            'for chunk in pipe.stream("your prompt", num_frames=81):',
-            "    ...",
-            "```",
-            "",
-            "## Training",
-            "",
-            *[f"- **{k}**: {v}" for k, v in fields.items()],
-            f"- **steps**: {self.state.global_step}",
-            "",
-            "## Metrics (last log)",
-            "",
-            "```json",
-            json.dumps(metrics, indent=2, default=str),
-            "```",
-            "",
-            "## Configuration",
-            "",
-            "```json",
-            json.dumps(config, indent=2, default=str),
-            "```",
-            "",
-            "## Citation",
-            "",
-            "```bibtex",
-            self._citation.strip(),
-            "```",
-            "",
-        ]
-        path = os.path.join(output_dir, "README.md")
+        card = ModelCard.from_template(
+            card_data,
+            template_str=MODEL_CARD_TEMPLATE,
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            method=self._method_name,
+            repo=self.args.hub_model_id or output_dir,
+            fields={**self.model_card_fields(), "steps": self.state.global_step},
+            metrics=json.dumps(metrics, indent=2, default=str),
+            config=json.dumps(config, indent=2, default=str),
+            citation=self._citation.strip(),
+        )
         os.makedirs(output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("\n".join(lines))
+        path = os.path.join(output_dir, "README.md")
+        card.save(path)
         return path
+
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A causal, streaming text-to-video generator trained with **{{ method }}** in
+[diffusers-raven](https://pypi.org/project/diffusers-raven/).
+
+```python
+from diffusers_raven import CausalVideoPipeline
+
+pipe = CausalVideoPipeline.from_pretrained("{{ repo }}")
+for chunk in pipe.stream("your prompt", num_frames=81):
+    ...
+```
+
+## Training
+
+{% for key, value in fields.items() %}- **{{ key }}**: {{ value }}
+{% endfor %}
+## Metrics (last log)
+
+```json
+{{ metrics }}
+```
+
+## Configuration
+
+```json
+{{ config }}
+```
+{% if citation %}
+## Citation
+
+```bibtex
+{{ citation }}
+```
+{% endif %}
+"""

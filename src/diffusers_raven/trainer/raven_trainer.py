@@ -1,20 +1,23 @@
 """RavenTrainer: DMD distillation of a causal few-step video generator (METHOD.md §3–§5).
 
-One training step = one generator update (returned to ``Trainer``, which clips and steps the generator's optimizer)
-and ``critic_updates_per_generator_update`` critic updates (stepped here, with the critic's own AdamW):
+One optimizer step of the generator (``Trainer`` does the backward pass, accumulation, clipping and the step) with
+``critic_updates_per_generator_update`` critic updates before it (stepped here, with the critic's own AdamW):
 
-1. build the student's sample ``x̂0`` *with gradient*, from the history mode (METHOD §3):
-   - ``raven``: a no-grad self-rollout, repacked as the interleaved training-time-test sequence at one step ``k`` per
-     sample, one forward (gradients into the history, METHOD §4);
-   - ``self_forcing``: a cached rollout under no-grad except at one random exit step (the same for every chunk and
-     every process), whose ``x̂0`` is the chunk's output;
-   - ``diffusion_forcing``: a no-grad rollout (or dataset latents), each chunk noised at its own random level, one
-     block-causal pass;
-   - ``teacher_forcing``: dataset latents noised at one step per sample; each chunk predicted through a cache of the
-     clean data written under no-grad;
-2. re-noise, ``x_τ = (1 − τ) x̂0 + τ ε``, score it with the critic (fake) and the guided teacher (real), and regress
-   ``x̂0`` onto ``sg(x̂0 − (f − r)/D)`` with chunk weights (METHOD §4–§5);
-3. train the critic with flow matching on detached generator samples.
+1. ``_generate`` (no grad, once per generation batch): the student's rollouts through the chunk sampler; the critic
+   trains with flow matching on their final clean latents (the first update on the rollout the generator step then
+   uses in ``raven`` mode, the others on fresh rollouts);
+2. ``compute_loss`` (per micro-batch): build the student's sample ``x̂0`` *with gradient*, from the history mode
+   (METHOD §3):
+   - ``raven``: the recorded rollout repacked as the interleaved training-time-test sequence at one step ``k`` per
+     sample (the history is the context the rollout wrote), one forward with gradients into the history (METHOD §4);
+   - ``self_forcing``: a cached rollout under no-grad except at one random exit step (the same for every chunk, sample and
+     process), whose ``x̂0`` is the chunk's output;
+   - ``diffusion_forcing``: the rollout's clean latents (or the dataset's), each chunk noised at its own random
+     level, one block-causal pass;
+   - ``teacher_forcing``: the dataset latents noised at one step, each chunk predicted through a cache of the data
+     (written with the context-noise rule, under no-grad);
+   then re-noise, ``x_τ = (1 − τ) x̂0 + τ ε``, score it with the critic (fake) and the guided teacher (real), and
+   regress ``x̂0`` onto ``sg(x̂0 − (f − r)/D)`` with chunk weights (METHOD §4–§5).
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ import os
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
 
-from ..models import KVCache
-from ..schedulers import ConsistencyFlowMatchScheduler
 from ..training import critic_loss, dmd_loss, frame_weights, pack_interleaved, sample_dmd_timesteps, sample_steps
 from ..training.rollout import RolloutRecord
 from .base import CausalVideoTrainerBase
@@ -49,6 +51,8 @@ class RavenTrainer(CausalVideoTrainerBase):
         args: a [`RavenConfig`].
         train_dataset: a `datasets.Dataset` with a `prompt` column (and `latents`, `[C, F, h, w]`, for
             `history="teacher_forcing"`, optionally for `"diffusion_forcing"`).
+        eval_dataset: prompts whose videos `evaluate()` scores with `reward_funcs`.
+        reward_funcs: reward functions (`fn(prompts, videos, **columns) -> list[float | None]`) of the evaluation.
         critic: the trainable fake-score model; default: a copy of the teacher.
         peft_config: train a LoRA adapter on the student instead of all its weights.
     """
@@ -56,19 +60,22 @@ class RavenTrainer(CausalVideoTrainerBase):
     _tag_names = ["diffusers-raven", "raven", "dmd", "text-to-video", "autoregressive"]
     _method_name = "RAVEN (DMD with a training-time test)"
     _citation = RAVEN_CITATION
+    config_class = RavenConfig
 
     def __init__(self, model, teacher=None, args: RavenConfig | None = None, train_dataset=None, eval_dataset=None,
-                 critic=None, pipeline=None, peft_config=None, callbacks=None, optimizers=(None, None)):
+                 reward_funcs=None, critic=None, pipeline=None, peft_config=None, callbacks=None,
+                 optimizers=(None, None)):
         args = args if args is not None else RavenConfig(output_dir="raven-output")
-        if not isinstance(args, RavenConfig):
-            raise TypeError(f"`args` must be a RavenConfig, got {type(args).__name__}.")
         if teacher is None:
             raise ValueError("`teacher` is required: a bidirectional WanTransformer3DModel (or a folder holding one).")
         if isinstance(teacher, (str, os.PathLike)):
             teacher = WanTransformer3DModel.from_pretrained(teacher)
         if not isinstance(teacher, WanTransformer3DModel):
             raise TypeError(f"`teacher` must be a WanTransformer3DModel, got {type(teacher).__name__}.")
-        super().__init__(model, args, train_dataset, eval_dataset, pipeline, peft_config, callbacks, optimizers)
+        if args.history == "teacher_forcing" and "latents" not in (getattr(train_dataset, "column_names", None) or []):
+            raise ValueError("`history='teacher_forcing'` needs encoded videos: a `latents` column in the dataset.")
+        super().__init__(model, args, train_dataset, eval_dataset, reward_funcs, pipeline, peft_config, callbacks,
+                         optimizers)
         student = self.student
         for name in ("in_channels", "out_channels", "patch_size", "text_dim"):
             if tuple(_listify(teacher.config[name])) != tuple(_listify(student.config[name])):
@@ -76,43 +83,21 @@ class RavenTrainer(CausalVideoTrainerBase):
                     f"The teacher's `{name}` ({teacher.config[name]}) does not match the student's "
                     f"({student.config[name]}): they must share the latent space and text encoder."
                 )
-        if args.history == "teacher_forcing" and "latents" not in train_dataset.column_names:
-            raise ValueError("`history='teacher_forcing'` needs encoded videos: a `latents` column in the dataset.")
-        self._check_frames()
-
         device = self.accelerator.device
         self.teacher = teacher.to(device).requires_grad_(False).eval()
         critic = critic if critic is not None else copy.deepcopy(teacher)
         critic.requires_grad_(True).train()
+        self.critic = self.accelerator.prepare(critic.to(device))
+        # A plain optimizer: accelerate's wrapper would skip its steps on the micro-steps of a gradient-accumulation
+        # cycle, and the critic steps during every generation, whatever the generator's accumulation.
         self.critic_optimizer = torch.optim.AdamW(
-            critic.parameters(),
+            self.critic.parameters(),
             lr=args.critic_learning_rate,
             betas=(args.critic_adam_beta1, args.critic_adam_beta2),
             weight_decay=args.critic_weight_decay,
         )
-        self.critic, self.critic_optimizer = self.accelerator.prepare(critic.to(device), self.critic_optimizer)
-        self.sampler = ConsistencyFlowMatchScheduler.from_config(self.pipeline.scheduler.config)
-        self.sampler.set_timesteps(sigmas=args.denoising_sigmas)
-        self.sigmas = torch.tensor(self.sampler.schedule_sigmas, dtype=torch.float32)
         self.weights = frame_weights(self.chunk_sizes, args.chunk_loss_alpha).float()
-        self.exit_steps: list[int] = []  # Self Forcing's exit step of every generator step (equal on every process)
-
-    # ------------------------------------------------------------------ set-up
-    def _check_frames(self) -> None:
-        pipe, args = self.pipeline, self.args
-        latent_frames = pipe.latent_frames_for(args.num_frames)
-        chunk = pipe.chunk_frames
-        if latent_frames % chunk:
-            raise ValueError(
-                f"`num_frames`={args.num_frames} gives {latent_frames} latent frames, not a whole number of "
-                f"{chunk}-frame chunks."
-            )
-        self.chunk_sizes = [chunk] * (latent_frames // chunk)
-        self.height = args.height or pipe.default_height
-        self.width = args.width or pipe.default_width
-        factor = pipe.vae_scale_factor_spatial
-        self.latent_shape = (pipe.transformer.config.in_channels, latent_frames, self.height // factor,
-                             self.width // factor)
+        self.exit_steps: list[int] = []  # Self Forcing's exit step of every micro-step (equal on every process)
 
     def extra_state(self) -> dict:
         return {"critic": self.critic, "critic_optimizer": self.critic_optimizer}
@@ -121,181 +106,132 @@ class RavenTrainer(CausalVideoTrainerBase):
         return {
             "method": self._method_name,
             "history mode": self.args.history,
-            "teacher": self.teacher.config.get("_name_or_path", "a bidirectional WanTransformer3DModel"),
-            "base model": self.student.config.get("_name_or_path", "unknown"),
+            "teacher": self.teacher.config.get("_name_or_path") or "a bidirectional WanTransformer3DModel",
+            "base model": self.student.config.get("_name_or_path") or "unknown",
             "chunk loss alpha": self.args.chunk_loss_alpha,
             "critic updates per generator update": self.args.critic_updates_per_generator_update,
         }
 
-    # ------------------------------------------------------------------ rollouts
-    def _noise(self, shape, generator) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(self.accelerator.device)
-
+    # ------------------------------------------------------------------ no-grad part: rollouts and the critic
     @torch.no_grad()
-    def rollout(self, text: torch.Tensor, generator: torch.Generator) -> RolloutRecord:
-        """A no-grad self-rollout of the student (the pipeline's cached sampler), recorded for every step."""
-        pipe = self.pipeline
-        out = pipe(
-            prompt_embeds=text,
-            num_frames=self.args.num_frames,
-            height=self.height,
-            width=self.width,
-            sigmas=self.args.denoising_sigmas,
-            generator=generator,
-            window_frames=self.args.window_frames,
-            sink_frames=self.args.sink_frames,
-            context_noise=self.args.context_noise,
-            output_type="latent",
-            return_trajectory=True,
-        )
-        return RolloutRecord.from_chunks(out.trajectory)
+    def _generate(self, inputs: dict) -> dict:
+        inputs = super()._generate(inputs)
+        text = inputs["prompt_embeds"]
+        index = inputs["sample_index"]
+        mode = self.args.history
+        # The student's rollout (recorded for RAVEN's interleaved pass); its clean latents train the critic first.
+        chunks = self.rollout(text, self.sample_generators("rollout", index), record=mode == "raven")
+        clean = torch.cat([c.clean for c in chunks], dim=2)
+        if mode == "raven":
+            inputs["record"] = RolloutRecord.from_chunks(chunks)
+        elif mode == "diffusion_forcing" and "latents" not in inputs:
+            inputs["latents"] = clean
+        for i in range(self.args.critic_updates_per_generator_update):
+            if i > 0:
+                chunks = self.rollout(text, self.sample_generators(f"critic_rollout/{i}", index))
+                clean = torch.cat([c.clean for c in chunks], dim=2)
+            self._critic_update(clean, text, self.sample_generators(f"critic/{i}", index))
+        return inputs
+
+    def _critic_update(self, samples: torch.Tensor, text: torch.Tensor, generators: list[torch.Generator]) -> None:
+        with torch.enable_grad():
+            self.critic.train()
+            with self.accelerator.autocast():
+                x_tau, tau, noise = self._renoise(samples, generators)
+                velocity = self.critic(x_tau, tau * self.num_train_timesteps, text).sample
+                loss = critic_loss(velocity, noise, samples)
+            self.accelerator.backward(loss)
+            if self.args.critic_max_grad_norm > 0:
+                norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.critic_max_grad_norm)
+                self.log_metric("critic/grad_norm", norm)
+            self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        self.log_metric("critic/loss", loss.detach())
+
+    # ------------------------------------------------------------------ the generator's loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        text = inputs["prompt_embeds"]
+        negative = self.encode_prompts([self.args.negative_prompt] * text.shape[0])
+        with self.accelerator.autocast():
+            x0 = self._student_sample(model, text, inputs)
+            x_tau, tau, _ = self._renoise(x0.detach(), self.sample_generators("dmd", inputs["sample_index"]))
+            fake_x0, real_x0 = self._fake_and_real(x_tau, tau, text, negative)
+            # the graph runs through x̂0 (x_τ only enters the constants f and r)
+            loss, grad = dmd_loss(x0, fake_x0, real_x0, frame_weights=self.weights)
+        self.log_metric("dmd/loss", loss.detach())
+        self.log_metric("dmd/score_norm", grad.flatten(1).norm(dim=1).mean())
+        self.log_metric("chunk_weight/first", self.weights[0])
+        self.log_metric("chunk_weight/last", self.weights[-1])
+        return (loss, x0) if return_outputs else loss
 
     def _student_sample(self, model, text: torch.Tensor, inputs: dict) -> torch.Tensor:
         """``x̂0`` with gradient, built as the history mode says (METHOD §3)."""
         mode = self.args.history
         batch = text.shape[0]
+        index = inputs["sample_index"]
         if mode == "raven":
-            record = self.rollout(text, self.step_generator("rollout"))
-            steps = sample_steps(batch, record.num_steps, self.step_generator("raven_step"))
-            packed = pack_interleaved(record, steps, self.args.context_noise)
+            record = inputs["record"]
+            steps = sample_steps(batch, record.num_steps, self.sample_generators("raven_step", index))
+            packed = pack_interleaved(record, steps, self.args.context_noise, self.num_train_timesteps)
             velocity = model(encoder_hidden_states=text, window_frames=self.args.window_frames,
                              sink_frames=self.args.sink_frames, **packed).sample
             sigma = record.sigmas[steps].to(velocity.device).view(-1, 1, 1, 1, 1)
-            self.log_metric("raven/step", steps.float().mean())
+            self.log_metric("history/step", steps.float().mean())
             return packed["hidden_states"] - sigma * velocity
         if mode == "self_forcing":
-            return self._self_forcing_sample(model, text)
+            exit_step = int(sample_steps(1, self.sampler.num_steps, self.shared_generator("exit_step"))[0])
+            self.log_metric("history/step", exit_step)
+            self.exit_steps.append(exit_step)
+            chunks = self.rollout(text, self.sample_generators("sf_rollout", index), model=model, exit_step=exit_step,
+                                  grad=True)
+            return torch.cat([c.clean for c in chunks], dim=2)
         if mode == "diffusion_forcing":
-            clean = inputs.get("latents")
-            clean = clean.to(text.device) if clean is not None else self.rollout(text, self.step_generator("rollout")).clean
-            g = self.step_generator("df_levels")
+            clean = inputs["latents"].to(text.device)
             levels = torch.stack([
-                self.sigmas[sample_steps(len(self.chunk_sizes), len(self.sigmas) - 1, g)] for _ in range(batch)
+                self.sigmas[sample_steps(len(self.chunk_sizes), self.sampler.num_steps, g)]
+                for g in self.sample_generators("df_levels", index)
             ]).repeat_interleave(torch.tensor(self.chunk_sizes), dim=1).to(clean.device)  # [B, F]
-            noise = self._noise(clean.shape, self.step_generator("df_noise"))
+            noise = randn_tensor(clean.shape, generator=self.sample_generators("df_noise", index), device=clean.device,
+                                 dtype=clean.dtype)
             s = levels.view(batch, 1, -1, 1, 1)
             noisy = (1 - s) * clean + s * noise
-            velocity = model(noisy, levels * 1000, text, window_frames=self.args.window_frames,
+            velocity = model(noisy, levels * self.num_train_timesteps, text, window_frames=self.args.window_frames,
                              sink_frames=self.args.sink_frames).sample
             return noisy - s * velocity
-        return self._teacher_forcing_sample(model, text, inputs["latents"].to(text.device))
-
-    def _self_forcing_sample(self, model, text: torch.Tensor) -> torch.Tensor:
-        """Self Forcing: cached rollout, gradient only at one random exit step (same for all chunks and processes)."""
-        student = self.student
-        num_steps = len(self.sigmas) - 1
-        exit_step = int(sample_steps(1, num_steps, self.step_generator("exit_step", per_process=False))[0])
-        self.log_metric("self_forcing/exit_step", exit_step)
-        self.exit_steps.append(exit_step)
-        g = self.step_generator("rollout")
-        batch = text.shape[0]
-        channels, _, h, w = self.latent_shape
-        cache = KVCache.for_model(student, batch, window_frames=self.args.window_frames,
-                                  sink_frames=self.args.sink_frames)
-        outputs, frame = [], 0
-        for size in self.chunk_sizes:
-            x = self._noise((batch, channels, size, h, w), g)
-            for k in range(exit_step + 1):
-                sigma = float(self.sigmas[k])
-                t = torch.full((batch,), 1000 * sigma, device=x.device)
-                if k < exit_step:
-                    with torch.no_grad():
-                        v = student(x, t, text, kv_cache=cache, frame_offset=frame).sample
-                        x0 = x - sigma * v
-                        nxt = float(self.sigmas[k + 1])
-                        x = (1 - nxt) * x0 + nxt * self._noise(x.shape, g)
-                else:
-                    v = model(x, t, text, kv_cache=cache, frame_offset=frame).sample
-                    x0 = x - sigma * v
-            outputs.append(x0)
-            with torch.no_grad():
-                t_ctx = torch.full((batch,), float(self.args.context_noise), device=x.device)
-                student(x0.detach(), t_ctx, text, kv_cache=cache, frame_offset=frame, update_cache=True)
-            frame += size
-        return torch.cat(outputs, dim=2)
-
-    def _teacher_forcing_sample(self, model, text: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: noisy data chunks predicted through a cache of the clean data (no gradient into it)."""
-        student = self.student
-        batch = text.shape[0]
-        steps = sample_steps(batch, len(self.sigmas) - 1, self.step_generator("tf_step"))
-        sigma = self.sigmas[steps].to(data.device).view(-1, 1, 1, 1, 1)
-        noisy = (1 - sigma) * data + sigma * self._noise(data.shape, self.step_generator("tf_noise"))
-        t = (sigma.flatten() * 1000)
-        cache = KVCache.for_model(student, batch, window_frames=self.args.window_frames,
-                                  sink_frames=self.args.sink_frames)
-        outputs, frame = [], 0
-        for size in self.chunk_sizes:
-            sl = slice(frame, frame + size)
-            v = model(noisy[:, :, sl], t, text, kv_cache=cache, frame_offset=frame).sample
-            outputs.append(noisy[:, :, sl] - sigma * v)
-            with torch.no_grad():
-                t_ctx = torch.full((batch,), float(self.args.context_noise), device=data.device)
-                student(data[:, :, sl], t_ctx, text, kv_cache=cache, frame_offset=frame, update_cache=True)
-            frame += size
-        return torch.cat(outputs, dim=2)
+        # teacher forcing: the data noised at one step, predicted through a cache of the data
+        data = inputs["latents"].to(text.device)
+        step = int(sample_steps(1, self.sampler.num_steps, self.shared_generator("tf_step"))[0])
+        self.log_metric("history/step", step)
+        sigma = self.sampler.sigmas[step]
+        noise = randn_tensor(data.shape, generator=self.sample_generators("tf_noise", index), device=data.device,
+                             dtype=data.dtype)
+        noisy = (1 - sigma) * data + sigma * noise
+        chunks = self.rollout(text, self.sample_generators("tf_context", index), model=model, latents=noisy,
+                              history=data, start_step=step, exit_step=step, grad=True)
+        return torch.cat([c.clean for c in chunks], dim=2)
 
     # ------------------------------------------------------------------ scores
-    def _renoise(self, x0: torch.Tensor, purpose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = self.step_generator(purpose)
-        tau = sample_dmd_timesteps(x0.shape[0], self.args.dmd_min_u, self.args.dmd_max_u, self.args.timestep_shift, g)
+    def _renoise(self, x0: torch.Tensor, generators: list[torch.Generator]):
+        """``(x_τ, τ, ε)``: ``x0`` re-noised at a DMD level (METHOD §5), one generator per sample."""
+        args = self.args
+        tau = sample_dmd_timesteps(x0.shape[0], args.dmd_min_sigma, args.dmd_max_sigma, args.timestep_shift,
+                                   generators, self.num_train_timesteps)
         tau = tau.to(x0.device, x0.dtype)
-        noise = self._noise(x0.shape, g).to(x0.dtype)
+        noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
         s = tau.view(-1, 1, 1, 1, 1)
         return (1 - s) * x0 + s * noise, tau, noise
 
     @torch.no_grad()
-    def _real_and_fake(self, x_tau, tau, text, negative) -> tuple[torch.Tensor, torch.Tensor]:
-        t = tau * 1000
+    def _fake_and_real(self, x_tau, tau, text, negative) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's (fake) and the guided teacher's (real) denoised estimates ``x̂0`` of ``x_τ``."""
+        t = tau * self.num_train_timesteps
         s = tau.view(-1, 1, 1, 1, 1)
-        cond = self.teacher(x_tau, t, text).sample
+        real = self.teacher(x_tau, t, text).sample
         if self.args.guidance_scale != 1.0:
             uncond = self.teacher(x_tau, t, negative).sample
-            cond = uncond + self.args.guidance_scale * (cond - uncond)
+            real = uncond + self.args.guidance_scale * (real - uncond)
         fake = self.critic(x_tau, t, text).sample
-        return x_tau - s * fake, x_tau - s * cond
-
-    # ------------------------------------------------------------------ the step
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        model.train()
-        prompts = list(inputs["prompt"])
-        text = self.encode_prompts(prompts)
-        negative = self.encode_prompts([self.args.negative_prompt] * len(prompts))
-
-        # 1-2. generator: DMD on the student's sample.
-        with self.accelerator.autocast():
-            x0 = self._student_sample(model, text, inputs)
-            x_tau, tau, _ = self._renoise(x0.detach(), "dmd")
-            fake_x0, real_x0 = self._real_and_fake(x_tau, tau, text, negative)
-            # the graph runs through x̂0 (x_τ only enters the constants f and r)
-            loss, grad = dmd_loss(x0, fake_x0, real_x0, frame_weights=self.weights)
-        self.accelerator.backward(loss)
-        self.log_metric("loss/dmd", loss.detach())
-        self.log_metric("dmd/grad_norm", grad.flatten(1).norm(dim=1).mean())
-        self.log_metric("chunk_weight/first", self.weights[0])
-        self.log_metric("chunk_weight/last", self.weights[-1])
-
-        # 3. critic: flow matching on detached generator samples (fresh rollouts after the first update).
-        samples = x0.detach()
-        for i in range(self.args.critic_updates_per_generator_update):
-            if i > 0:
-                samples = self.rollout(text, self.step_generator(f"critic_rollout/{i}")).clean
-            self._critic_update(samples, text, f"critic/{i}")
-        return loss.detach()
-
-    def _critic_update(self, samples: torch.Tensor, text: torch.Tensor, purpose: str) -> None:
-        self.critic.train()
-        with self.accelerator.autocast():
-            x_tau, tau, noise = self._renoise(samples, purpose)
-            velocity = self.critic(x_tau, tau * 1000, text).sample
-            loss = critic_loss(velocity, noise, samples)
-        self.accelerator.backward(loss)
-        if self.args.critic_max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.critic_max_grad_norm)
-            self.log_metric("grad_norm/critic", norm)
-        self.critic_optimizer.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        self.log_metric("loss/critic", loss.detach())
+        return x_tau - s * fake, x_tau - s * real
 
 
 def _listify(value):

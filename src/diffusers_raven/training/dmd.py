@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_weights import weighted_mean
+from .randomness import GeneratorLike, draw_per_sample
 
 
 def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -57,14 +58,21 @@ def critic_loss(
 
 def sample_dmd_timesteps(
     batch_size: int,
-    min_u: float = 0.02,
-    max_u: float = 0.98,
+    min_sigma: float = 0.02,
+    max_sigma: float = 0.98,
     shift: float = 5.0,
-    generator: torch.Generator | None = None,
+    generator: GeneratorLike = None,
+    num_train_timesteps: int | None = 1000,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``τ = shift(u)``, ``u ~ U[min_u, max_u]``: the re-noising levels of the DMD generator step (sigmas in [0, 1])."""
-    if not 0 <= min_u < max_u <= 1:
-        raise ValueError(f"Need 0 ≤ `min_u` < `max_u` ≤ 1, got {min_u}, {max_u}.")
-    u = min_u + (max_u - min_u) * torch.rand(batch_size, generator=generator)
-    return (shift * u / (1 + (shift - 1) * u)).to(device)
+    """The re-noising levels of the DMD generator and critic steps (METHOD §5), as sigmas in [0, 1]:
+    ``τ = min_sigma + (max_sigma − min_sigma) · shift(u)``, ``u ~ U[0, 1]`` (RAVEN's reference code: shift first,
+    then scale into ``[0.02, 0.98]``), rounded to an integer timestep ``T τ`` when ``num_train_timesteps`` is set.
+    ``generator`` may be one generator per sample."""
+    if not 0 <= min_sigma < max_sigma <= 1:
+        raise ValueError(f"Need 0 ≤ `min_sigma` < `max_sigma` ≤ 1, got {min_sigma}, {max_sigma}.")
+    u = draw_per_sample(batch_size, generator, lambda n, g: torch.rand(n, generator=g, dtype=torch.float64))
+    tau = min_sigma + (max_sigma - min_sigma) * (shift * u / (1 + (shift - 1) * u))
+    if num_train_timesteps is not None:
+        tau = torch.round(tau * num_train_timesteps) / num_train_timesteps
+    return tau.float().to(device)

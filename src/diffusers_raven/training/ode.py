@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .chunk_weights import weighted_mean
+from .randomness import GeneratorLike, draw_per_sample
 
 
 def shifted_grid(num_steps: int, shift: float = 5.0) -> torch.Tensor:
@@ -30,6 +31,7 @@ def teacher_ode_trajectory(
     guidance_scale: float = 3.0,
     num_steps: int = 48,
     shift: float = 5.0,
+    num_train_timesteps: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler integration of the guided teacher velocity from ``noise`` (at σ = 1) to σ = 0.
 
@@ -52,7 +54,7 @@ def teacher_ode_trajectory(
         if i in indices:
             states[i] = x
         sigma, sigma_next = float(grid[i]), float(grid[i + 1])
-        t = torch.full((x.shape[0],), 1000 * sigma, device=x.device, dtype=x.dtype)
+        t = torch.full((x.shape[0],), num_train_timesteps * sigma, device=x.device, dtype=x.dtype)
         velocity = teacher(x, t, text).sample
         if negative is not None and guidance_scale != 1.0:
             uncond = teacher(x, t, negative).sample
@@ -65,17 +67,19 @@ def ode_regression_inputs(
     states: torch.Tensor,
     sigmas: torch.Tensor,
     chunk_sizes: Sequence[int],
-    generator: torch.Generator | None = None,
+    generator: GeneratorLike = None,
+    num_train_timesteps: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick an independent few-step index per (sample, chunk): the noisy input ``[B, C, F, h, w]`` and the per-frame
-    timesteps ``[B, F]`` (``1000 σ``) of one block-causal pass."""
+    timesteps ``[B, F]`` (``T σ``, ``T = num_train_timesteps``) of one block-causal pass."""
     num_steps, batch = states.shape[:2]
-    picks = torch.randint(0, num_steps, (batch, len(chunk_sizes)), generator=generator)
+    picks = draw_per_sample(batch, generator,
+                            lambda n, g: torch.randint(0, num_steps, (n, len(chunk_sizes)), generator=g))
     per_frame = picks.repeat_interleave(torch.as_tensor(list(chunk_sizes)), dim=1)  # [B, F]
     gather = per_frame.to(states.device)[None, :, None, :, None, None].expand(1, -1, states.shape[2], -1,
                                                                                *states.shape[4:])
     noisy = states.gather(0, gather)[0]
-    return noisy, sigmas.to(states.device)[per_frame.to(states.device)] * 1000
+    return noisy, sigmas.to(states.device)[per_frame.to(states.device)] * num_train_timesteps
 
 
 def ode_regression_loss(

@@ -1,9 +1,10 @@
 """Rollout records and the interleaved training-time-test packing (METHOD.md §1, §4).
 
-A self-rollout of the consistency sampler is recorded per chunk (:class:`~diffusers_raven.pipelines.ChunkTrajectory`);
+A self-rollout of the chunk sampler is recorded per chunk (:class:`~diffusers_raven.pipelines.ChunkTrajectory`);
 trainers stack the chunks into one :class:`RolloutRecord` and, for RAVEN, pack a training-time-test sequence: the
-recorded input ``x_{σ_k}`` of every chunk (one step ``k`` per sample) plus the clean chunks as ``history`` for the
-model's interleaved pass.
+recorded input ``x_{σ_k}`` of every chunk (one step ``k`` per sample) plus, as ``history``, the context latents the
+rollout wrote to its cache (the clean chunks noised to the context-noise level, the clean chunks themselves at
+context noise 0), so the interleaved pass sees exactly the history the cached rollout saw.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .randomness import GeneratorLike, draw_per_sample
 
 
 @dataclass
@@ -24,6 +27,8 @@ class RolloutRecord:
         pred_original: ``[S, B, C, F, h, w]`` the prediction of every step.
         clean: ``[B, C, F, h, w]`` the output video latents.
         chunk_sizes: latent frames per chunk.
+        context: ``[B, C, F', h, w]`` the latents written to the cache, for the chunks whose context pass ran (every
+            chunk but the last of a finite video: ``F' = F − last chunk``).
     """
 
     sigmas: torch.Tensor
@@ -31,18 +36,38 @@ class RolloutRecord:
     pred_original: torch.Tensor
     clean: torch.Tensor
     chunk_sizes: list[int]
+    context: torch.Tensor | None = None
 
     @classmethod
     def from_chunks(cls, chunks: Sequence) -> RolloutRecord:
-        """Stack per-chunk trajectories (objects with ``sigmas``, ``noisy``, ``pred_original``, ``clean``)."""
+        """Stack per-chunk trajectories (objects with ``sigmas``, ``noisy``, ``pred_original``, ``clean`` and
+        ``context``, as :class:`~diffusers_raven.pipelines.ChunkTrajectory`) recorded from the first step."""
         if not chunks:
             raise ValueError("`chunks` is empty.")
+        if any(c.noisy is None for c in chunks):
+            raise ValueError("The chunks were sampled without `record=True` (`return_trajectory=True`).")
+        clean = torch.cat([c.clean for c in chunks], dim=2)
+        written = [c.context for c in chunks if getattr(c, "context", None) is not None]
         return cls(
             sigmas=chunks[0].sigmas,
             noisy=torch.cat([c.noisy for c in chunks], dim=3),
             pred_original=torch.cat([c.pred_original for c in chunks], dim=3),
-            clean=torch.cat([c.clean for c in chunks], dim=2),
+            clean=clean,
             chunk_sizes=[c.clean.shape[2] for c in chunks],
+            context=torch.cat(written, dim=2) if written else clean[:, :, :0],
+        )
+
+    def __getitem__(self, index: slice) -> RolloutRecord:
+        """The record of a slice of the batch (a micro-batch of a generation batch)."""
+        if not isinstance(index, slice):
+            raise TypeError(f"A RolloutRecord is indexed by a slice of the batch, got {type(index).__name__}.")
+        return RolloutRecord(
+            sigmas=self.sigmas,
+            noisy=self.noisy[:, index],
+            pred_original=self.pred_original[:, index],
+            clean=self.clean[index],
+            chunk_sizes=list(self.chunk_sizes),
+            context=None if self.context is None else self.context[index],
         )
 
     @property
@@ -69,14 +94,22 @@ def pack_interleaved(
 ) -> dict[str, torch.Tensor]:
     """Inputs of the interleaved forward of METHOD §4 for per-sample steps ``k``.
 
-    Returns ``hidden_states`` (``x_{σ_k}`` of every chunk), per-frame ``timestep`` ``[B, F]`` (``1000 σ_k``),
-    ``history`` (the clean chunks but the last) and ``history_timestep`` (the context timestep), ready for
-    ``transformer(**packed, encoder_hidden_states=...)``.
+    Returns ``hidden_states`` (``x_{σ_k}`` of every chunk), per-frame ``timestep`` ``[B, F]`` (``T σ_k``),
+    ``history`` (the context latents the rollout wrote for every chunk but the last; empty for a one-chunk video) and
+    ``history_timestep`` (the context timestep), ready for ``transformer(**packed, encoder_hidden_states=...)``.
+    ``context_timestep`` must be the rollout's context noise: the history is what its cache held.
     """
     noisy, sigma = record.select_steps(steps)
     frames = noisy.shape[2]
     timestep = (sigma * num_train_timesteps).to(noisy.dtype)[:, None].expand(-1, frames).to(noisy.device)
-    history = record.clean[:, :, : frames - record.chunk_sizes[-1]]
+    needed = frames - record.chunk_sizes[-1]
+    context = record.context if record.context is not None else record.clean[:, :, :0]
+    if context.shape[2] < needed:
+        raise ValueError(
+            f"The record holds the context of {context.shape[2]} latent frames; the interleaved pass needs the "
+            f"{needed} frames before the last chunk."
+        )
+    history = context[:, :, :needed]
     return {
         "hidden_states": noisy,
         "timestep": timestep,
@@ -86,10 +119,11 @@ def pack_interleaved(
 
 
 def sample_steps(
-    batch_size: int, num_steps: int, generator: torch.Generator | None = None, exclude_last: bool = False
+    batch_size: int, num_steps: int, generator: GeneratorLike = None, exclude_last: bool = False
 ) -> torch.Tensor:
-    """One random sampler step per sample (``exclude_last`` keeps only the stochastic, policy steps)."""
+    """One random sampler step per sample (``exclude_last`` keeps only the stochastic, policy steps); ``generator``
+    may be one generator per sample."""
     high = num_steps - 1 if exclude_last else num_steps
     if high < 1:
         raise ValueError(f"No step to sample from a {num_steps}-step schedule (exclude_last={exclude_last}).")
-    return torch.randint(0, high, (batch_size,), generator=generator)
+    return draw_per_sample(batch_size, generator, lambda n, g: torch.randint(0, high, (n,), generator=g))

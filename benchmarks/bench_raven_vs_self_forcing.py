@@ -2,7 +2,7 @@
 
 Both trainers are built on the same student, teacher, prompts and video size (benchmark transformer config, 45
 output frames = 12 latent frames = 4 chunks, 16x16 latents). A "generator step" is `trainer.training_step`
-(rollout, student sample with gradient, teacher and critic scores, DMD backward, one critic update) followed by
+(rollout, one critic update, student sample with gradient, teacher and critic scores, DMD backward) followed by
 the generator's optimizer step. Times are interleaved in one process; the ratio is the median of per-repeat
 ratios. Peak memory is the increase of the peak RSS over the RSS before training, measured in a fresh subprocess per
 mode (alternating modes, two runs each), because a process's peak RSS never goes down.
@@ -82,6 +82,8 @@ def build_trainer(mode: str, output_dir: str):
     prompts = Dataset.from_dict({"prompt": ["a red circle moving right", "a blue square moving left"]})
     trainer = RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=prompts)
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this benchmark steps by hand
+    trainer.model.train()
     return trainer
 
 

@@ -94,6 +94,7 @@ from diffusers_raven.utils.recipes import (
     override_arguments,
     portable_checkpoints,
     resolve_checkpoint,
+    resume_training,
     save_checkpoint,
     schedule_position,
     set_schedule_position,
@@ -595,10 +596,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.register_for_checkpointing(ema, progress)
     portable_checkpoints(accelerator)
     if cli.resume is not None:
-        path = resolve_checkpoint(cli.resume, checkpoint_root)
-        accelerator.load_state(path)
-        set_schedule_position(scheduler, base_lr=config.learning_rate)  # this run's schedule at the restored step
-        results["resumed_from"] = {"path": path, "step": progress.step}
+        path = resume_training(accelerator, cli.resume, checkpoint_root, scheduler, config.learning_rate, results,
+                               progress)
         log(f"resumed from {path} at step {progress.step} ({progress.elapsed_seconds:.0f} s of training so far)")
     elapsed_before = progress.elapsed_seconds
     log(f"teacher: {num_parameters:,} parameters ({config.num_layers} layers, width "

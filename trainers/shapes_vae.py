@@ -62,7 +62,7 @@ from diffusers_raven.utils.recipes import (
     add_override_arguments,
     load_recipe_config,
     override_arguments,
-    resolve_checkpoint,
+    resume_training,
     save_checkpoint,
     schedule_position,
     set_schedule_position,
@@ -379,10 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
     progress = TrainingProgress(crop_generator, results)
     accelerator.register_for_checkpointing(progress)
     if cli.resume is not None:
-        path = resolve_checkpoint(cli.resume, checkpoint_root)
-        accelerator.load_state(path)
-        set_schedule_position(scheduler, base_lr=config.learning_rate)  # this run's schedule at the restored step
-        results["resumed_from"] = {"path": path, "step": progress.step}
+        path = resume_training(accelerator, cli.resume, checkpoint_root, scheduler, config.learning_rate, results,
+                               progress)
         print(f"resumed from {path} at step {progress.step} ({progress.elapsed_seconds:.0f} s of training so far)")
     elapsed_before = progress.elapsed_seconds
 

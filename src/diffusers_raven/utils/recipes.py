@@ -125,6 +125,18 @@ def resolve_checkpoint(resume: str, root: str) -> str:
     return resume
 
 
+def resume_training(accelerator, resume: str, root: str, scheduler, base_lr: float, results: dict,
+                    progress) -> str:
+    """Load the checkpoint ``--resume`` names into the accelerator's registered state, put the learning-rate
+    schedule of this run at the restored step, and record where the run resumed (``results["resumed_from"]``).
+    Returns the checkpoint folder."""
+    path = resolve_checkpoint(resume, root)
+    accelerator.load_state(path)
+    set_schedule_position(scheduler, base_lr=base_lr)
+    results["resumed_from"] = {"path": path, "step": progress.step}
+    return path
+
+
 def save_checkpoint(accelerator, root: str, step: int, keep: int = 2) -> str:
     """``accelerator.save_state`` into ``root/checkpoint-<step>``, called on every process. The state is written to
     a ``.tmp`` folder first and renamed once complete, so a run killed while saving leaves the previous checkpoint

@@ -2,22 +2,36 @@
 
 from .chunk_weights import chunk_weights, frame_weights, participation_scores, participation_transform, weighted_mean
 from .dmd import critic_loss, dmd_gradient, dmd_loss, flow_matching_loss, sample_dmd_timesteps
+from .grpo import (
+    aggregate_rewards,
+    cm_grpo_loss,
+    group_advantages,
+    ppo_clip_loss,
+    reference_kl,
+    reference_kl_loss,
+)
 from .ode import ode_regression_inputs, ode_regression_loss, shifted_grid, teacher_ode_trajectory
 from .rollout import RolloutRecord, pack_interleaved, sample_steps
 
 __all__ = [
     "RolloutRecord",
+    "aggregate_rewards",
     "chunk_weights",
+    "cm_grpo_loss",
     "critic_loss",
     "dmd_gradient",
     "dmd_loss",
     "flow_matching_loss",
     "frame_weights",
+    "group_advantages",
     "pack_interleaved",
     "ode_regression_inputs",
     "ode_regression_loss",
     "participation_scores",
     "participation_transform",
+    "ppo_clip_loss",
+    "reference_kl",
+    "reference_kl_loss",
     "sample_dmd_timesteps",
     "sample_steps",
     "shifted_grid",

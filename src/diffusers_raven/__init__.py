@@ -22,6 +22,8 @@ _LAZY = {
     "CausalVideoPipeline": "diffusers_raven.pipelines",
     "CausalVideoPipelineOutput": "diffusers_raven.pipelines",
     "CausalVideoChunk": "diffusers_raven.pipelines",
+    "CMGRPOConfig": "diffusers_raven.trainer",
+    "CMGRPOTrainer": "diffusers_raven.trainer",
     "ODERegressionConfig": "diffusers_raven.trainer",
     "ODERegressionTrainer": "diffusers_raven.trainer",
     "RavenConfig": "diffusers_raven.trainer",
@@ -49,4 +51,11 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .models import CausalWanTransformer3DModel, KVCache  # noqa: F401
     from .pipelines import CausalVideoChunk, CausalVideoPipeline, CausalVideoPipelineOutput  # noqa: F401
     from .schedulers import ConsistencyFlowMatchScheduler, FlowMatchSDEScheduler, GaussianTransition  # noqa: F401
-    from .trainer import ODERegressionConfig, ODERegressionTrainer, RavenConfig, RavenTrainer  # noqa: F401
+    from .trainer import (  # noqa: F401
+        CMGRPOConfig,
+        CMGRPOTrainer,
+        ODERegressionConfig,
+        ODERegressionTrainer,
+        RavenConfig,
+        RavenTrainer,
+    )

@@ -3,6 +3,8 @@
 ``transformers.Trainer``)."""
 
 from .base import CausalVideoTrainerBase
+from .cmgrpo_config import CMGRPOConfig
+from .cmgrpo_trainer import CMGRPOTrainer
 from .config import VideoTrainerConfig
 from .ode_trainer import ODERegressionConfig, ODERegressionTrainer, build_ode_dataset
 from .raven_config import HISTORY_MODES, RavenConfig
@@ -10,6 +12,8 @@ from .raven_trainer import RavenTrainer
 
 __all__ = [
     "HISTORY_MODES",
+    "CMGRPOConfig",
+    "CMGRPOTrainer",
     "CausalVideoTrainerBase",
     "ODERegressionConfig",
     "ODERegressionTrainer",

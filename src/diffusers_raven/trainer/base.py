@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,11 +41,13 @@ from ..models import CausalWanTransformer3DModel, KVCache
 from ..models.kv_cache import check_window
 from ..pipelines import CausalVideoPipeline
 from ..pipelines.chunk_sampler import CacheDenoiser, ChunkSampler, ChunkTrajectory
+from ..pipelines.vae_streaming import denormalize_latents
 from ..schedulers import ConsistencyFlowMatchScheduler
 from ..training import RolloutRecord
 from .config import VideoTrainerConfig
 
 EXTRA_STATE_DIR = "raven_state"
+BUFFER_FILE = "generation_buffer.pt"
 RewardFunc = Callable[..., Sequence[float | None]]
 
 
@@ -68,12 +71,34 @@ class _TrainerHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A resumed run continues the micro-step count (it seeds the draws) and makes a fresh generation batch.
+        # A resumed run continues the micro-step count (it seeds the draws) and the generation batch it was in.
         self.trainer._step = state.global_step * args.gradient_accumulation_steps
-        self.trainer._buffered_inputs = None
+        self.trainer._buffered_inputs = self.trainer._resumed_buffer
+        self.trainer._resumed_buffer = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._on_step_end()
+
+
+def _adapt_tensorboard(trainer: Trainer) -> None:
+    """``report_to="tensorboard"``: transformers' callback writes the model config with ``to_json_string()``, which
+    a diffusers config (a dict) lacks; swap in a subclass that writes it as JSON."""
+    try:
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:  # pragma: no cover
+        return
+
+    class DiffusersTensorBoardCallback(TensorBoardCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            model = kwargs.pop("model", None)
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.tb_writer is not None and model is not None and isinstance(getattr(model, "config", None), dict):
+                self.tb_writer.add_text("model_config", json.dumps(dict(model.config), default=str, indent=2))
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback) is TensorBoardCallback:
+            trainer.callback_handler.remove_callback(callback)
+            trainer.callback_handler.add_callback(DiffusersTensorBoardCallback(tb_writer=callback.tb_writer))
 
 
 def _epoch_repeat_sampler(dataset, mini_repeat_count: int, batch_size: int, repeat_count: int, shuffle: bool,
@@ -204,10 +229,19 @@ class CausalVideoTrainerBase(Trainer):
         self.pipeline = pipe
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._buffered_inputs: list[dict[str, Any]] | None = None
+        self._resumed_buffer: list[dict[str, Any]] | None = None
         self._step = 0
         self._generation = 0
+        self._generation_seconds = 0.0
         self._text_cache: dict[str, torch.Tensor] = {}
         self._setup_video(pipe, args)
+        global_batch = args.per_device_train_batch_size * args.world_size * args.steps_per_generation
+        if global_batch % self.num_generations:
+            raise ValueError(
+                f"The global generation batch ({global_batch} = per_device_train_batch_size × processes × "
+                f"steps_per_generation) must be a multiple of `num_generations` ({self.num_generations}), so that "
+                "every prompt's rollouts are in one generation batch."
+            )
         super().__init__(
             model=student,
             args=args,
@@ -218,6 +252,7 @@ class CausalVideoTrainerBase(Trainer):
             optimizers=optimizers,
         )
         self.add_callback(_TrainerHooks(self))
+        _adapt_tensorboard(self)
         device = self.accelerator.device
         pipe.text_encoder.to(device)
         pipe.vae.to(device)
@@ -264,11 +299,15 @@ class CausalVideoTrainerBase(Trainer):
         factor = pipe.vae_scale_factor_spatial
         self.latent_shape = (pipe.transformer.config.in_channels, latent_frames, self.height // factor,
                              self.width // factor)
-        scheduler = ConsistencyFlowMatchScheduler.from_config(pipe.scheduler.config)
+        scheduler = self._rollout_scheduler(pipe, args)
         scheduler.set_timesteps(sigmas=args.denoising_sigmas)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.sampler = ChunkSampler(scheduler, args.context_noise)
         self.sigmas = torch.tensor(self.sampler.sigmas, dtype=torch.float32)
+
+    def _rollout_scheduler(self, pipe: CausalVideoPipeline, args: VideoTrainerConfig):
+        """The scheduler of training rollouts: the consistency sampler on the pipeline's schedule config."""
+        return ConsistencyFlowMatchScheduler.from_config(pipe.scheduler.config)
 
     @staticmethod
     def _ema_parameters(student) -> list[torch.nn.Parameter]:
@@ -360,11 +399,6 @@ class CausalVideoTrainerBase(Trainer):
         ``steps_per_generation × num_iterations`` micro-steps (TRL's ``RepeatSampler``)."""
         dataset = self.train_dataset if dataset is None else dataset
         global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.steps_per_generation
-        if global_batch % self.num_generations:
-            raise ValueError(
-                f"The global generation batch ({global_batch} = per_device_train_batch_size × processes × "
-                f"steps_per_generation) must be a multiple of num_generations ({self.num_generations})."
-            )
         return _epoch_repeat_sampler(dataset, self.num_generations, global_batch // self.num_generations,
                                      self.num_iterations * self.args.steps_per_generation, shuffle=True,
                                      seed=self.args.seed)
@@ -379,10 +413,22 @@ class CausalVideoTrainerBase(Trainer):
             rows = len(generation_batch["prompt"])
             index = torch.arange(rows) + self.args.process_index * rows
             generation_batch = {**generation_batch, "sample_index": index}
+            start = time.perf_counter()
             self._buffered_inputs = split_batch(self._generate(generation_batch), self.args.steps_per_generation)
+            self._generation_seconds = time.perf_counter() - start
+            self.log_metric("timing/generation", self._generation_seconds)
         inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
         self._step += 1
         return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer``'s step (rollouts when a generation batch starts, then the loss, backward and accumulation),
+        timed: ``timing/policy`` is the step without the generation."""
+        start = time.perf_counter()
+        self._generation_seconds = 0.0
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.log_metric("timing/policy", time.perf_counter() - start - self._generation_seconds)
+        return loss
 
     def _generate(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The no-grad part of a step for a whole generation batch; by default the prompts' text states."""
@@ -400,6 +446,14 @@ class CausalVideoTrainerBase(Trainer):
             self.write_samples(os.path.join(self.args.output_dir, "samples", f"step-{self.state.global_step}.gif"))
 
     @torch.no_grad()
+    def decode_videos(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixel videos ``[B, F, 3, H, W]`` in [0, 1] of normalised latents ``[B, C, F', h, w]`` (the VAE's decoding of
+        the whole clip equals the pipeline's chunk-by-chunk decoding)."""
+        vae = self.pipeline.vae
+        pixels = vae.decode(denormalize_latents(latents.to(vae.dtype), vae), return_dict=False)[0]
+        return self.pipeline.video_processor.postprocess_video(pixels, output_type="pt")
+
+    @torch.no_grad()
     def generate_videos(self, prompts: list[str], seeds: Sequence[int]) -> torch.Tensor:
         """The student's videos ``[B, F, 3, H, W]`` in [0, 1] for ``prompts`` at the training size and sampler
         settings, one seed per video (so a video does not depend on its batch or process)."""
@@ -413,12 +467,20 @@ class CausalVideoTrainerBase(Trainer):
 
     @torch.no_grad()
     def write_samples(self, path: str) -> str:
+        """A sample video of the first sample prompt (seed ``seed``) at ``path``; with reward functions, its rewards
+        beside it (same name, ``.json``)."""
         from ..utils.video import save_video
 
-        prompts = self.args.sample_prompts or [self.train_dataset[0]["prompt"]]
-        video = self.generate_videos(prompts[:1], [self.args.seed])[0].permute(0, 2, 3, 1).float().cpu().numpy()
+        prompts = (self.args.sample_prompts or [self.train_dataset[0]["prompt"]])[:1]
+        video = self.generate_videos(prompts, [self.args.seed])
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_video(video, path)
+        save_video(video[0].permute(0, 2, 3, 1).float().cpu().numpy(), path)
+        if self.reward_funcs:
+            scores = score_videos(self.reward_funcs, prompts, video)[0].tolist()
+            with open(os.path.splitext(path)[0] + ".json", "w") as f:
+                json.dump({"prompt": prompts[0], "step": self.state.global_step,
+                           "rewards": {reward_name(fn): None if math.isnan(v) else v
+                                       for fn, v in zip(self.reward_funcs, scores)}}, f, indent=2)
         return path
 
     # ------------------------------------------------------------------ evaluation
@@ -494,6 +556,9 @@ class CausalVideoTrainerBase(Trainer):
         os.makedirs(folder, exist_ok=True)
         if self.ema is not None:
             torch.save(self.ema.state_dict(), os.path.join(folder, "ema.pt"))
+        if self._buffered_inputs is not None and self._step % (self.args.steps_per_generation * self.num_iterations):
+            # Mid-way through a generation batch's iterations: its rollouts, for an exact resume.
+            torch.save(self._buffered_inputs, os.path.join(folder, BUFFER_FILE))
         for name, obj in self.extra_state().items():
             torch.save(self._unwrap(obj).state_dict(), os.path.join(folder, f"{name}.pt"))
 
@@ -504,6 +569,9 @@ class CausalVideoTrainerBase(Trainer):
         folder = os.path.join(checkpoint, EXTRA_STATE_DIR)
         states = {"ema": self.ema} if self.ema is not None else {}
         states.update(self.extra_state())
+        buffer = os.path.join(folder, BUFFER_FILE)
+        if os.path.exists(buffer):  # written by this package's own trainer: tensors and rollout records
+            self._resumed_buffer = torch.load(buffer, map_location=self.accelerator.device, weights_only=False)
         for name, obj in states.items():
             path = os.path.join(folder, f"{name}.pt")
             if not os.path.exists(path):
@@ -575,6 +643,33 @@ class CausalVideoTrainerBase(Trainer):
         """Method-specific lines of the model card's training section."""
         return {}
 
+    #: Logged metrics the model card plots against the step (``(metric, title)``), when they were logged.
+    _card_curves: tuple[tuple[str, str], ...] = ()
+
+    def _plot_curves(self, output_dir: str) -> list[tuple[str, str]]:
+        """Write a PNG per curve of ``_card_curves`` found in the log history; returns ``(title, file name)``."""
+        plots = []
+        for metric, title in self._card_curves:
+            points = [(h["step"], h[metric]) for h in self.state.log_history if metric in h and "step" in h]
+            if not points:
+                continue
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            name = metric.replace("/", "_") + "_curve.png"
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_xlabel("step")
+            ax.set_ylabel(metric)
+            ax.set_title(title)
+            fig.tight_layout()
+            fig.savefig(os.path.join(output_dir, name), dpi=100)
+            plt.close(fig)
+            plots.append((title, name))
+        return plots
+
     def create_model_card(self, output_dir: str | None = None, model_name: str | None = None, tags=None,
                           **kwargs) -> str:
         """Write ``README.md``: a ``huggingface_hub.ModelCard`` with the method, the usage, the training settings,
@@ -588,6 +683,7 @@ class CausalVideoTrainerBase(Trainer):
                                   base_model=base_model if base_model and not os.path.isdir(base_model) else None)
         metrics = dict(self.state.log_history[-1]) if self.state.log_history else {}
         config = {k: v for k, v in self.args.to_dict().items() if not k.startswith("_") and "token" not in k}
+        os.makedirs(output_dir, exist_ok=True)
         card = ModelCard.from_template(
             card_data,
             template_str=MODEL_CARD_TEMPLATE,
@@ -598,8 +694,8 @@ class CausalVideoTrainerBase(Trainer):
             metrics=json.dumps(metrics, indent=2, default=str),
             config=json.dumps(config, indent=2, default=str),
             citation=self._citation.strip(),
+            plots=self._plot_curves(output_dir),
         )
-        os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "README.md")
         card.save(path)
         return path
@@ -625,6 +721,9 @@ for chunk in pipe.stream("your prompt", num_frames=81):
 ## Training
 
 {% for key, value in fields.items() %}- **{{ key }}**: {{ value }}
+{% endfor %}
+{% for title, file in plots %}
+![{{ title }}]({{ file }})
 {% endfor %}
 ## Metrics (last log)
 

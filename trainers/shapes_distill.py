@@ -47,7 +47,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from transformers import TrainerCallback
 
 from diffusers_raven.shapes import (
     caption,
@@ -59,7 +58,12 @@ from diffusers_raven.shapes import (
     sample_scene,
 )
 from diffusers_raven.trainer import HISTORY_MODES, RavenConfig
-from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
+from diffusers_raven.utils.recipes import (
+    TrainingTimeBudget,
+    add_override_arguments,
+    load_recipe_config,
+    override_arguments,
+)
 
 #: The history modes this recipe compares (``teacher_forcing`` needs encoded data videos, which it does not use).
 DISTILL_MODES = tuple(m for m in HISTORY_MODES if m != "teacher_forcing")
@@ -205,47 +209,6 @@ def training_prompts(config: ShapesDistillConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ budget
-class TrainingTimeBudget(TrainerCallback):
-    """Count training time and stop once ``seconds`` of it are spent (``None``: only count).
-
-    Training time is the sum of the durations of the training steps, from ``on_step_begin`` to ``on_step_end``
-    (rollouts, the generator update and its critic updates), so writing checkpoints and logs does not use the
-    budget. The running total is saved in every checkpoint (``time_budget.json``) and read back from
-    ``resume_from``, so a resumed mode gets what remains of its budget, not a new one.
-    """
-
-    FILE = "time_budget.json"
-
-    def __init__(self, seconds: float | None, resume_from: str | None = None) -> None:
-        self.seconds, self.elapsed, self.stopped = seconds, 0.0, False
-        self.start_step, self.steps_timed, self._step_start = 0, 0, None
-        if resume_from is not None and os.path.isfile(os.path.join(resume_from, self.FILE)):
-            with open(os.path.join(resume_from, self.FILE)) as f:
-                self.elapsed = float(json.load(f)["train_seconds"])
-        self.elapsed_at_start = self.elapsed
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start_step = state.global_step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._step_start is not None:
-            self.elapsed += time.perf_counter() - self._step_start
-            self.steps_timed += 1
-            self._step_start = None
-        if self.seconds is not None and self.elapsed >= self.seconds:
-            control.should_training_stop = self.stopped = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            with open(os.path.join(folder, self.FILE), "w") as f:
-                json.dump({"train_seconds": self.elapsed, "global_step": state.global_step}, f)
-
-
 # ------------------------------------------------------------------------------------------------ training
 def mode_dirs(output_dir: str, mode: str) -> tuple[str, str]:
     """The pipeline folder and the checkpoint folder of a mode."""

@@ -76,7 +76,6 @@ class VideoTrainerConfig(TrainingArguments):
     # TrainingArguments defaults changed for video trainers
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the dataset columns (required)."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,18 +1,22 @@
 """Configuration files of the recipes in ``trainers/``: a YAML mapping of a dataclass's fields, with command-line
-overrides (``--output_dir``, ``--set key=value ...``); and the checkpoint folders and learning-rate clock of the
-recipes whose own training loops run on ``accelerate``."""
+overrides (``--output_dir``, ``--set key=value ...``); the checkpoint folders and learning-rate clock of the
+recipes whose own training loops run on ``accelerate``; and the training-time budget of the recipes that run a
+``transformers.Trainer``."""
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
 import shutil
+import time
 from dataclasses import fields
 from typing import Any, TypeVar
 
 import yaml
+from transformers import TrainerCallback
 
 ConfigT = TypeVar("ConfigT")
 
@@ -187,3 +191,44 @@ def set_schedule_position(scheduler, position: int | None = None, base_lr: float
         inner.base_lrs = [base_lr] * len(inner.base_lrs)
     inner.last_epoch = (inner.last_epoch if position is None else position) - 1
     inner.step()
+
+
+class TrainingTimeBudget(TrainerCallback):
+    """Count training time and stop once ``seconds`` of it are spent (``None``: only count).
+
+    Training time is the sum of the durations of the training steps, from ``on_step_begin`` to ``on_step_end``
+    (rollouts, the generator update and its critic updates), so writing checkpoints and logs does not use the
+    budget. The running total is saved in every checkpoint (``time_budget.json``) and read back from
+    ``resume_from``, so a resumed mode gets what remains of its budget, not a new one.
+    """
+
+    FILE = "time_budget.json"
+
+    def __init__(self, seconds: float | None, resume_from: str | None = None) -> None:
+        self.seconds, self.elapsed, self.stopped = seconds, 0.0, False
+        self.start_step, self.steps_timed, self._step_start = 0, 0, None
+        if resume_from is not None and os.path.isfile(os.path.join(resume_from, self.FILE)):
+            with open(os.path.join(resume_from, self.FILE)) as f:
+                self.elapsed = float(json.load(f)["train_seconds"])
+        self.elapsed_at_start = self.elapsed
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is not None:
+            self.elapsed += time.perf_counter() - self._step_start
+            self.steps_timed += 1
+            self._step_start = None
+        if self.seconds is not None and self.elapsed >= self.seconds:
+            control.should_training_stop = self.stopped = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, self.FILE), "w") as f:
+                json.dump({"train_seconds": self.elapsed, "global_step": state.global_step}, f)

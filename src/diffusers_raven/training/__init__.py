@@ -10,12 +10,26 @@ from .grpo import (
     reference_kl,
     reference_kl_loss,
 )
+from .kvpo import (
+    GateDecision,
+    anchor_advantages,
+    branch_plans,
+    fuse_advantages,
+    gibbs_log_policy,
+    kvpo_loss,
+    recorded_velocity,
+    safety_gate,
+    trajectory_velocity_energy,
+)
 from .ode import ode_regression_inputs, ode_regression_loss, shifted_grid, teacher_ode_trajectory
 from .rollout import RolloutRecord, pack_interleaved, sample_steps
 
 __all__ = [
+    "GateDecision",
     "RolloutRecord",
     "aggregate_rewards",
+    "anchor_advantages",
+    "branch_plans",
     "chunk_weights",
     "cm_grpo_loss",
     "critic_loss",
@@ -23,18 +37,24 @@ __all__ = [
     "dmd_loss",
     "flow_matching_loss",
     "frame_weights",
+    "fuse_advantages",
+    "gibbs_log_policy",
     "group_advantages",
+    "kvpo_loss",
     "pack_interleaved",
     "ode_regression_inputs",
     "ode_regression_loss",
     "participation_scores",
     "participation_transform",
     "ppo_clip_loss",
+    "recorded_velocity",
     "reference_kl",
     "reference_kl_loss",
+    "safety_gate",
     "sample_dmd_timesteps",
     "sample_steps",
     "shifted_grid",
     "teacher_ode_trajectory",
+    "trajectory_velocity_energy",
     "weighted_mean",
 ]

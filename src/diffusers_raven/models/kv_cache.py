@@ -9,12 +9,18 @@ KVPO routing).
 Storage is a buffer of frame *slots* per layer, ``[batch, slots, tokens_per_frame, heads, head_dim]``:
 
 - global cache: slot ``i`` holds frame ``i``; the buffer grows by doubling;
-- windowed cache: slots ``[0, sink_frames)`` hold the sink frames, the rest is a rolling buffer in which frame ``i``
-  lands in slot ``sink + (i - sink) % ring``. Memory is constant however long the stream runs.
+- windowed cache: slots ``[0, sink_frames)`` hold the sink frames and ``pool_frames - sink_frames`` more slots hold the
+  most recent other frames. A new frame takes a free slot, else the slot of the oldest held frame that is neither a
+  sink nor pinned by a routing. Memory is constant however long the stream runs. By default the pool is what the
+  window needs (``window_frames - 1`` frames); a larger pool keeps older frames for KVPO routing to choose from.
+
+Routing (:meth:`KVCache.route`) replaces the window of the next chunks by ``[sinks] + selected older frames + the m
+most recent frames``, where ``m`` counts the chunk's own frames (METHOD §2). The selected frames are pinned while the
+routing lasts, so the cache keeps them however far the stream goes; the lookup is by frame id, never by slot.
 
 Keys are stored after rotary embedding at their absolute frame index (``rope="absolute"``, as Self Forcing does),
-or before it (``rope="relative"``): then the attention applies positions relative to the visible frames, so a stream
-can run past the model's RoPE table.
+or before it (``rope="relative"``): then the attention applies positions relative to the visible frames (their
+order in the visible sequence, routed or not), so a stream can run past the model's RoPE table.
 
 ``snapshot()`` is O(1): it keeps references to the buffers and marks them shared, and the next write copies a shared
 buffer before writing into it (copy on write), so a snapshot never sees later writes.
@@ -22,7 +28,8 @@ buffer before writing into it (copy on write), so a snapshot never sees later wr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +66,30 @@ def check_window(window_frames: int | None, sink_frames: int, chunk_frames: int)
         )
 
 
+def check_pool(pool_frames: int | None, window_frames: int | None) -> None:
+    """Validate a pool size: the frames a windowed cache holds, at least the ``window_frames - 1`` its window needs."""
+    if pool_frames is None:
+        return
+    if window_frames is None:
+        raise ValueError(
+            "`pool_frames` needs a window: a global cache (`window_frames=None`) already keeps every frame."
+        )
+    if isinstance(pool_frames, bool) or not isinstance(pool_frames, int) or pool_frames < window_frames - 1:
+        raise ValueError(
+            f"`pool_frames` ({pool_frames!r}) must be an integer of at least what the window needs, "
+            f"`window_frames - 1` = {window_frames - 1} (the sinks and the most recent frames)."
+        )
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """The history of routed chunks (METHOD §2): the sink frames, the ``selected`` older frames (pinned in the cache
+    while the plan lasts) and the ``recent_frames`` most recent frames, a count that includes the chunk's own frames."""
+
+    selected: tuple[int, ...]
+    recent_frames: int
+
+
 @dataclass
 class KVCacheSnapshot:
     """The state of a :class:`KVCache` at one moment (buffers are shared with the cache until it writes)."""
@@ -69,13 +100,7 @@ class KVCacheSnapshot:
     num_frames: int
     text: dict
     text_fingerprint: Any
-
-
-@dataclass
-class _Routing:
-    selected: list[int]
-    recent_frames: int
-    frames: list[int] = field(default_factory=list)
+    routing: RoutingPlan | None = None
 
 
 class KVCache:
@@ -91,6 +116,9 @@ class KVCache:
         chunk_frames: latent frames per chunk (the model's ``num_frames_per_chunk``).
         window_frames: attention window in latent frames, counting the current chunk; ``None`` keeps all frames.
         sink_frames: number of first frames that stay visible forever (attention sinks); needs a window.
+        pool_frames: frames a windowed cache holds, sinks included: the sinks and the ``pool_frames - sink_frames``
+            most recent other frames. At least ``window_frames - 1`` (the default, what the window needs); a larger
+            pool keeps older frames for :meth:`route` to choose from, with memory bounded by the pool.
         rope: ``"absolute"`` (keys cached after RoPE at their frame index) or ``"relative"`` (positions relative to
             the visible window, so streams may run past the RoPE table).
         max_rope_frames: size of the model's RoPE table in frames (``rope_max_seq_len``).
@@ -105,6 +133,7 @@ class KVCache:
         chunk_frames: int = 3,
         window_frames: int | None = None,
         sink_frames: int = 0,
+        pool_frames: int | None = None,
         rope: str = "absolute",
         max_rope_frames: int = 1024,
         dtype: torch.dtype | None = None,
@@ -115,6 +144,7 @@ class KVCache:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         check_window(window_frames, sink_frames, chunk_frames)
+        check_pool(pool_frames, window_frames)
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.num_heads = num_heads
@@ -126,8 +156,11 @@ class KVCache:
         self.max_rope_frames = max_rope_frames
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
-        # A window of W frames shows at most W - S - 1 recent frames (to a chunk of one frame).
-        self.ring_frames = None if window_frames is None else window_frames - sink_frames - 1
+        # A window of W frames shows at most W - S - 1 recent frames (to a chunk of one frame): the default pool.
+        if window_frames is not None and pool_frames is None:
+            pool_frames = window_frames - 1
+        self.pool_frames = pool_frames
+        self.ring_frames = None if window_frames is None else pool_frames - sink_frames
         self.tokens_per_frame: int | None = None
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -136,7 +169,7 @@ class KVCache:
         self.num_frames = 0
         self.text: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_fingerprint: Any = None
-        self._routing: _Routing | None = None
+        self._routing: RoutingPlan | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,6 +179,7 @@ class KVCache:
         batch_size: int,
         window_frames: int | None = None,
         sink_frames: int = 0,
+        pool_frames: int | None = None,
         rope: str = "absolute",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -161,6 +195,7 @@ class KVCache:
             chunk_frames=getattr(config, "num_frames_per_chunk", 3) // p_t,
             window_frames=window_frames,
             sink_frames=sink_frames,
+            pool_frames=pool_frames,
             rope=rope,
             max_rope_frames=config.rope_max_seq_len,
             dtype=dtype if dtype is not None else transformer.dtype,
@@ -206,7 +241,9 @@ class KVCache:
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> KVCacheSnapshot:
-        """A cheap copy of the state: the buffers are shared until the cache writes again (copy on write)."""
+        """A cheap copy of the state: the buffers are shared until the cache writes again (copy on write).
+
+        The routing in force (if any) is part of the state."""
         self._shared = [True] * self.num_layers
         return KVCacheSnapshot(
             keys=list(self.keys),
@@ -215,10 +252,11 @@ class KVCache:
             num_frames=self.num_frames,
             text=dict(self.text),
             text_fingerprint=self.text_fingerprint,
+            routing=self._routing,
         )
 
     def restore(self, snapshot: KVCacheSnapshot) -> None:
-        """Return to the state of ``snapshot`` (which stays valid and can be restored again)."""
+        """Return to the state of ``snapshot``, routing included (the snapshot stays valid and can be restored again)."""
         self.keys = list(snapshot.keys)
         self.values = list(snapshot.values)
         self._shared = [True] * self.num_layers
@@ -226,38 +264,127 @@ class KVCache:
         self.num_frames = snapshot.num_frames
         self.text = dict(snapshot.text)
         self.text_fingerprint = snapshot.text_fingerprint
-        self._routing = None
+        self._routing = snapshot.routing
 
-    # ------------------------------------------------------------------ visibility
-    def route(self, selected_frames: list[int] | None, recent_frames: int = 0) -> None:
-        """Route the history of the next chunks (KVPO, METHOD §2 and §7).
+    # ------------------------------------------------------------------ routing
+    @property
+    def routing(self) -> RoutingPlan | None:
+        """The routing in force, or ``None`` (chunks see their window)."""
+        return self._routing
 
-        While routed, a chunk sees ``[sink frames] + selected_frames + [the recent_frames most recent frames]``
-        instead of its window. ``route(None)`` returns to normal visibility.
+    def _check_recent_frames(self, recent_frames: Any, chunk_frames: int) -> None:
+        if isinstance(recent_frames, bool) or not isinstance(recent_frames, int) or recent_frames < chunk_frames:
+            raise ValueError(
+                f"`recent_frames` counts the chunk's own frames, so it must be an integer of at least the chunk size "
+                f"({chunk_frames}), got {recent_frames!r}."
+            )
+        if self.is_windowed and recent_frames > self.window_frames - self.sink_frames:
+            raise ValueError(
+                f"`recent_frames` ({recent_frames}) must not exceed the recent part of the window, "
+                f"`window_frames - sink_frames` = {self.window_frames - self.sink_frames}."
+            )
+
+    def routable_frames(self, recent_frames: int) -> list[int]:
+        """The frames :meth:`route` accepts for the next chunk (it starts at frame ``num_frames``): the frames held that
+        are neither sinks nor among the ``recent_frames`` most recent frames (counting the chunk's own). This is the
+        pool KVPO's branch plans draw from."""
+        self._check_recent_frames(recent_frames, self.chunk_frames)
+        first_recent = self.num_frames - (recent_frames - self.chunk_frames)
+        sinks = self.sink_frames  # 0 for a global cache
+        return [f for f in self.cached_frames if sinks <= f < first_recent]
+
+    def route(self, selected_frames: list[int] | None, recent_frames: int | None = None) -> None:
+        """Route the history of the next chunks (KVPO, METHOD §2 and §7), until ``route(None)``.
+
+        Every chunk run while routed, starting at frame ``s`` with ``f`` frames, sees
+        ``[sink frames] + selected_frames + [frames s - (recent_frames - f) .. s - 1]`` in that order (increasing frame
+        index) instead of its window: ``recent_frames`` (``m``) counts the chunk's own frames, as in the reference
+        code (``m = 4`` with 3-frame chunks is the chunk and one earlier frame). The plan holds for every chunk of a
+        routed stretch: the selected frames are pinned, so the cache keeps them while newer frames roll through the
+        pool, and they are looked up by frame id. ``route(None)`` ends the routing and unpins them.
+
+        Args:
+            selected_frames: the older frames to attend to (see :meth:`routable_frames`): distinct frames the cache
+                holds, neither sinks nor among the ``recent_frames`` most recent frames of the next chunk (which
+                starts at frame ``num_frames``). ``None`` returns to the window.
+            recent_frames: ``m``, from the chunk size to ``window_frames - sink_frames`` (windowed caches).
+
+        A windowed cache needs a pool of at least ``window_frames - 1 + len(selected_frames)`` frames, so that the
+        pinned frames never push the window's own frames out.
         """
         if selected_frames is None:
             self._routing = None
             return
-        selected = sorted({int(f) for f in selected_frames})
-        if recent_frames < 0:
-            raise ValueError(f"`recent_frames` must be non-negative, got {recent_frames!r}.")
+        if recent_frames is None:
+            raise ValueError(
+                "`recent_frames` is required: the number of most recent frames, counting the chunk's own."
+            )
+        self._check_recent_frames(recent_frames, self.chunk_frames)
+        if isinstance(selected_frames, torch.Tensor):
+            selected_frames = selected_frames.tolist()
+        try:
+            selected = list(selected_frames)
+        except TypeError:
+            raise ValueError(
+                f"`selected_frames` must be a sequence of frame indices, got {selected_frames!r}."
+            ) from None
+        try:
+            if any(isinstance(f, bool) for f in selected):
+                raise TypeError
+            selected = [operator.index(f) for f in selected]
+        except TypeError:
+            raise ValueError(f"`selected_frames` must hold integer frame indices, got {selected!r}.") from None
+        if len(set(selected)) != len(selected):
+            raise ValueError(f"`selected_frames` names a frame more than once: {selected}.")
+        unwritten = [f for f in selected if f < 0 or f >= self.num_frames]
+        if unwritten:
+            raise ValueError(
+                f"`selected_frames` names frames that are not written yet: {unwritten} "
+                f"(frames 0..{self.num_frames - 1} are written)."
+            )
+        sinks = self.sink_frames  # 0 for a global cache
+        if any(f < sinks for f in selected):
+            raise ValueError(
+                f"`selected_frames` names sink frames {[f for f in selected if f < sinks]}: sinks are always visible."
+            )
+        first_recent = self.num_frames - (recent_frames - self.chunk_frames)
+        if any(f >= first_recent for f in selected):
+            raise ValueError(
+                f"`selected_frames` names frames {[f for f in selected if f >= first_recent]} that are among the "
+                f"`recent_frames={recent_frames}` most recent frames of the next chunk (from frame {first_recent})."
+            )
         held = set(self.cached_frames)
         missing = [f for f in selected if f not in held]
         if missing:
             raise ValueError(
-                f"`selected_frames` names frames the cache does not hold: {missing}. Held: {self.cached_frames}."
+                f"`selected_frames` names frames that are no longer in the pool: {missing}. "
+                f"Routable now: {self.routable_frames(recent_frames)}."
             )
-        self._routing = _Routing(selected=selected, recent_frames=recent_frames)
+        if self.is_windowed and len(selected) > self.pool_frames - (self.window_frames - 1):
+            raise ValueError(
+                f"`selected_frames` pins {len(selected)} frames but `pool_frames={self.pool_frames}` leaves room for "
+                f"{self.pool_frames - (self.window_frames - 1)} beyond the window's {self.window_frames - 1}; build the "
+                "cache with a larger pool."
+            )
+        self._routing = RoutingPlan(selected=tuple(sorted(selected)), recent_frames=recent_frames)
 
+    # ------------------------------------------------------------------ visibility
     def visible_frames(self, frame_start: int, chunk_frames: int) -> list[int]:
         """The cached frames a chunk of ``chunk_frames`` frames starting at ``frame_start`` attends to, in order."""
         held = {f for f in self.slot_frame.tolist() if 0 <= f < frame_start}
-        if self._routing is not None:
-            sinks = [f for f in range(self.sink_frames) if f in held]
-            recent = sorted(held)[-self._routing.recent_frames :] if self._routing.recent_frames else []
-            frames = sorted(set(sinks) | set(self._routing.selected) | set(recent))
-            return [f for f in frames if f < frame_start]
-        wanted = visible_history(frame_start, chunk_frames, self.window_frames, self.sink_frames)
+        routing = self._routing
+        if routing is not None:
+            if chunk_frames > routing.recent_frames:
+                raise ValueError(
+                    f"The routing's `recent_frames={routing.recent_frames}` counts the chunk's own frames, but this "
+                    f"chunk has {chunk_frames}; route with `recent_frames` of at least the chunk size."
+                )
+            sinks = self.sink_frames  # 0 for a global cache
+            first_recent = max(frame_start - (routing.recent_frames - chunk_frames), 0)
+            wanted = [*range(min(sinks, frame_start)), *(f for f in routing.selected if f < first_recent)]
+            wanted += range(max(first_recent, sinks), frame_start)
+        else:
+            wanted = visible_history(frame_start, chunk_frames, self.window_frames, self.sink_frames)
         # Frames outside the cache (e.g. before a re-cache after a prompt switch) are simply not visible.
         return [f for f in wanted if f in held]
 
@@ -288,12 +415,32 @@ class KVCache:
         return k.flatten(1, 2), v.flatten(1, 2)
 
     # ------------------------------------------------------------------ writing
-    def _slot_for(self, frame: int) -> int | None:
-        if not self.is_windowed or frame < self.sink_frames:
-            return frame
-        if self.ring_frames <= 0:
-            return None
-        return self.sink_frames + (frame - self.sink_frames) % self.ring_frames
+    def _place(self, frames: list[int]) -> list[tuple[int, int]]:
+        """``(slot, row)`` for each frame of a chunk (``row`` = its index in the chunk); frames that get no slot are
+        left out. A held frame keeps its slot; a new one takes a free slot, else the slot of the oldest held frame that
+        is neither a sink nor pinned by the routing (a frame older than that one is not stored: the pool keeps the most
+        recent frames)."""
+        if not self.is_windowed:
+            return [(frame, row) for row, frame in enumerate(frames)]
+        sinks, ring = self.sink_frames, max(self.ring_frames, 0)
+        owner = self.slot_frame.tolist() + [-1] * (sinks + ring - self.num_slots)
+        pinned = set(self._routing.selected) if self._routing is not None else set()
+        placement = []
+        for row, frame in enumerate(frames):
+            if frame < sinks:
+                slot = frame
+            elif frame in owner[sinks:]:
+                slot = sinks + owner[sinks:].index(frame)
+            elif -1 in owner[sinks:]:
+                slot = sinks + owner[sinks:].index(-1)
+            else:
+                evictable = [(f, i) for i, f in enumerate(owner) if i >= sinks and f not in pinned]
+                if not evictable or min(evictable)[0] > frame:
+                    continue
+                _, slot = min(evictable)
+            owner[slot] = frame
+            placement.append((slot, row))
+        return placement
 
     def _ensure_capacity(self, slots_needed: int, like: torch.Tensor) -> None:
         if self.tokens_per_frame is None:
@@ -336,12 +483,8 @@ class KVCache:
                 f"The cache holds {self.tokens_per_frame} tokens per frame, the chunk has {tokens}: "
                 "the resolution changed mid-stream; call `reset()` first."
             )
-        placement = []
-        for i in range(frames):
-            slot = self._slot_for(frame_start + i)
-            if slot is not None:
-                placement.append((slot, i))
-        # Within a chunk a later frame wins a slot shared with an earlier one (ring shorter than a chunk).
+        placement = self._place(list(range(frame_start, frame_start + frames)))
+        # Within a chunk a later frame wins a slot shared with an earlier one (pool shorter than a chunk).
         by_slot = dict(placement)
         if by_slot:
             self._ensure_capacity(max(by_slot) + 1, sample)

@@ -268,7 +268,7 @@ def test_routing_sees_only_the_chosen_frames(causal_model):
         for start in range(0, 12, CHUNK):
             causal_model(x[:, :, start : start + 3], t[:, start : start + 3], text, kv_cache=cache,
                          frame_offset=start, update_cache=True)
-        cache.route([1, 4], recent_frames=3)
+        cache.route([1, 4], recent_frames=6)
         assert cache.visible_frames(12, 3) == [1, 4, 9, 10, 11]
         routed = causal_model(x[:, :, 12:], t[:, 12:], text, kv_cache=cache, frame_offset=12).sample
         # Independent: a cache holding exactly those frames' keys and values.

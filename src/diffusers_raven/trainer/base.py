@@ -523,9 +523,9 @@ class CausalVideoTrainerBase(Trainer):
         gathered = self.accelerator.gather(padded.to(self.accelerator.device)).cpu()
         scores = gathered[gathered[:, -1] == 1.0, :-1]
         metrics = self._reward_metrics(scores, metric_key_prefix)
+        self.log(metrics)  # in eval mode, so the pending training metrics stay for the next training log
         if was_training:
             self.model.train()
-        self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

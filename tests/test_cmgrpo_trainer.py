@@ -38,6 +38,9 @@ def test_two_step_smoke_run(tmp_path, sampler):
                 "clip_ratio/region_mean", "timing/rollout", "timing/reward", "timing/policy", "policy/step"):
         assert key in logged, key
     assert logged["policy/ratio"] == pytest.approx(1.0)  # on-policy
+    # `reward` reads on the rewards' scale (TRL): the mean weighted sum of the raw scores, whatever the aggregation
+    assert logged["reward"] == pytest.approx(logged["rewards/brightness/mean"] + logged["rewards/redness/mean"],
+                                             rel=1e-5)
 
 
 def _generation(trainer):
@@ -266,3 +269,18 @@ def test_save_model_samples_card_and_hub(tmp_path, local_hub):
     trainer.push_to_hub()
     files = {f.path for f in HfApi().list_repo_tree("tester/tiny-cmgrpo", recursive=True)}
     assert {"model_index.json", "README.md", "transformer/config.json"} <= files
+
+
+def test_shared_initial_noise(tmp_path):
+    """With shared_initial_noise, the rollouts of a group start every chunk from one draw and then part ways by the
+    sampler's noise; groups draw differently. Without it every rollout has its own start."""
+    shared = _generation(build(str(tmp_path / "a"), max_steps=1, num_generations=4, per_device_train_batch_size=8,
+                               reward_funcs=[brightness], shared_initial_noise=True))
+    start, after = shared["record"].noisy[0], shared["record"].noisy[1]
+    for group in (slice(0, 4), slice(4, 8)):
+        assert all(torch.equal(start[group][0], x) for x in start[group][1:])
+        assert not any(torch.equal(after[group][0], x) for x in after[group][1:])
+    assert not torch.equal(start[0], start[4])
+    own = _generation(build(str(tmp_path / "b"), max_steps=1, num_generations=4, per_device_train_batch_size=8,
+                            reward_funcs=[brightness]))["record"].noisy[0]
+    assert not any(torch.equal(own[0], x) for x in own[1:4])

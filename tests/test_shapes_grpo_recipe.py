@@ -69,3 +69,26 @@ def test_shapes_grpo_refuses_unknown_keys(tmp_path, tiny_model):
     with pytest.raises((SystemExit, ValueError), match="num_generatons"):
         recipe.main(["--config", write_config(tmp_path / "ok.yaml", model_path=tiny_model, **TINY),
                      "--output_dir", str(tmp_path / "out2"), "--num_generatons", "4"])
+
+
+def test_reward_plot_and_window_summary(tmp_path):
+    """trainers/shapes_rl_plot.py: one PNG for several runs, and first/last-window means checked by hand."""
+    plot = load_recipe("shapes_rl_plot")
+    folders = []
+    for label, slope in (("a", 0.01), ("b", -0.02)):
+        curve = [{"step": i, "train_seconds": 60.0 * i, "reward": 0.5 + slope * i,
+                  "rewards/semantic_reward/mean": 0.4 + slope * i} for i in range(1, 31)]
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "grpo_results.json").write_text(
+            json.dumps({"steps": 30, "train_seconds": 1800.0, "config": {"sampler": label}, "reward_curve": curve}))
+        folders.append(f"{label}={tmp_path / label}")
+    png, summary = tmp_path / "curves.png", tmp_path / "curves.json"
+    result = plot.main([*sum((["--run", f] for f in folders), []), "--output", str(png), "--summary", str(summary),
+                        "--window_minutes", "4"])
+    assert png.stat().st_size > 1000 and json.loads(summary.read_text())["runs"].keys() == {"a", "b"}
+    semantic = result["runs"]["b"]["metrics"]["rewards/semantic_reward/mean"]
+    first, last = [0.4 - 0.02 * i for i in range(1, 6)], [0.4 - 0.02 * i for i in range(26, 31)]
+    assert semantic["first"] == pytest.approx(sum(first) / 5) and semantic["last"] == pytest.approx(sum(last) / 5)
+    assert semantic["change"] == pytest.approx(-0.02 * 25)
+    with pytest.raises(SystemExit, match="--run"):
+        plot.main(["--run", str(tmp_path / "a"), "--output", str(png)])

@@ -30,6 +30,10 @@ class CMGRPOConfig(VideoTrainerConfig):
         consistency sampler, every re-noising step a Gaussian policy step (CM-GRPO); `"sde"`: the Flow-GRPO
         Euler–Maruyama kernel on the same sigmas (the baseline).
     sde_noise_level (`float`, defaults to `0.7`): the noise level `a` of the `"sde"` sampler (Flow-GRPO's value).
+    shared_initial_noise (`bool`, defaults to `False`): the `G` rollouts of a prompt start every chunk from the same
+        initial noise and differ only by the sampler's own noise (the policy's actions) and the context noise, so
+        that the group's advantages measure the actions rather than the starting noise (DanceGRPO's choice; the
+        reference code draws independent initial noise).
 
     > Parameters that control the rewards and advantages
 
@@ -59,6 +63,9 @@ class CMGRPOConfig(VideoTrainerConfig):
     num_generations: int = field(default=8, metadata={"help": "Rollouts per prompt (G)."})
     sampler: str = field(default="consistency", metadata={"help": f"Policy kernel, one of {SAMPLERS}."})
     sde_noise_level: float = field(default=0.7, metadata={"help": "Noise level a of the 'sde' sampler."})
+    shared_initial_noise: bool = field(
+        default=False, metadata={"help": "A prompt's G rollouts share their initial noise (per chunk)."}
+    )
     # Rewards and advantages
     reward_aggregation: str = field(
         default="normalize_then_sum", metadata={"help": f"Reward aggregation, one of {REWARD_AGGREGATIONS}."}

@@ -114,7 +114,10 @@ class CMGRPOTrainer(CausalVideoTrainerBase):
         text, index = inputs["prompt_embeds"], inputs["sample_index"]
         prompts = list(inputs["prompt"])
         start = time.perf_counter()
-        record = RolloutRecord.from_chunks(self.rollout(text, self.sample_generators("rollout", index), record=True))
+        latents = self._initial_noise(index) if self.args.shared_initial_noise else None
+        record = RolloutRecord.from_chunks(
+            self.rollout(text, self.sample_generators("rollout", index), latents=latents, record=True)
+        )
         videos = self.decode_videos(record.clean)
         rollout_done = time.perf_counter()
         columns = {k: v for k, v in inputs.items() if k not in _INTERNAL_COLUMNS}
@@ -136,7 +139,7 @@ class CMGRPOTrainer(CausalVideoTrainerBase):
         weights = torch.tensor(self.args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
         rewards = aggregate_rewards(all_scores, weights, groups, self.args.reward_aggregation)
         advantages, stats = group_advantages(rewards, groups, self.args.scale_rewards, clip=self.args.adv_clip)
-        self._log_rewards(all_scores, rewards, stats)
+        self._log_rewards(all_scores, weights, groups, stats)
         mine = torch.searchsorted(all_index, index.cpu())
         inputs["advantages"] = advantages[mine].float().to(device)
 
@@ -156,10 +159,27 @@ class CMGRPOTrainer(CausalVideoTrainerBase):
             inputs["ref_pred_original"] = self._reference_predictions(text, record, inputs["policy_steps"])
         return inputs
 
-    def _log_rewards(self, scores: torch.Tensor, rewards: torch.Tensor, stats: dict) -> None:
-        valid = rewards[~torch.isnan(rewards)]
-        self.log_metric("reward", valid.mean())
-        self.log_metric("reward_std", valid.std(unbiased=False) if len(valid) > 1 else 0.0)
+    def _initial_noise(self, sample_index: torch.Tensor) -> torch.Tensor:
+        """Every chunk's initial noise ``[B, C, F, h, w]``, one draw per prompt group (``shared_initial_noise``),
+        seeded by (seed, generation batch, group): the same on whichever process holds the group's samples."""
+        channels, frames, h, w = self.latent_shape
+        draws = {}
+        for group in (sample_index // self.num_generations).tolist():
+            if group not in draws:
+                generator = self._seeded(f"{self._generation}/{group}/initial_noise")
+                draws[group] = torch.randn((1, channels, frames, h, w), generator=generator, dtype=torch.float32)
+        noise = torch.cat([draws[g] for g in (sample_index // self.num_generations).tolist()])
+        return noise.to(self.accelerator.device, self.student.dtype)
+
+    def _log_rewards(self, scores: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor, stats: dict) -> None:
+        """TRL's reward metrics: ``reward`` is the mean of the weighted sum of the raw scores (``Σ_f w_f r_f``, None
+        skipped), whatever the aggregation used for the advantages, so that it reads on the rewards' own scale;
+        ``reward_std`` is the mean over prompt groups of that sum's (biased) std within the group."""
+        raw = aggregate_rewards(scores, weights, groups, "sum_then_normalize")
+        scored = ~torch.isnan(raw)
+        self.log_metric("reward", raw[scored].mean())
+        _, raw_stats = group_advantages(torch.where(scored, raw, torch.nan), groups, "none")
+        self.log_metric("reward_std", raw_stats["group_std"].mean())
         for j, fn in enumerate(self.reward_funcs):
             column = scores[:, j][~torch.isnan(scores[:, j])]
             if len(column):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-# The public contract as it stands today; KVPO's names join it when its trainer exists.
+# The public contract (DESIGN.md §3).
 EXPECTED = {
     "DiffusionPipeline": "diffusers",
     "ModelMixin": "diffusers",
@@ -22,6 +22,8 @@ EXPECTED = {
     "CausalVideoChunk": "diffusers_raven.pipelines",
     "CMGRPOConfig": "diffusers_raven.trainer",
     "CMGRPOTrainer": "diffusers_raven.trainer",
+    "KVPOConfig": "diffusers_raven.trainer",
+    "KVPOTrainer": "diffusers_raven.trainer",
     "ODERegressionConfig": "diffusers_raven.trainer",
     "ODERegressionTrainer": "diffusers_raven.trainer",
     "RavenConfig": "diffusers_raven.trainer",
@@ -75,5 +77,5 @@ def test_each_name_is_the_object_of_its_subpackage(probe):
 def test_unknown_name_is_an_attribute_error():
     import diffusers_raven
 
-    with pytest.raises(AttributeError, match="KVPOTrainer"):
-        diffusers_raven.KVPOTrainer  # noqa: B018
+    with pytest.raises(AttributeError, match="NoSuchTrainer"):
+        diffusers_raven.NoSuchTrainer  # noqa: B018

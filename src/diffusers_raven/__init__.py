@@ -24,6 +24,8 @@ _LAZY = {
     "CausalVideoChunk": "diffusers_raven.pipelines",
     "CMGRPOConfig": "diffusers_raven.trainer",
     "CMGRPOTrainer": "diffusers_raven.trainer",
+    "KVPOConfig": "diffusers_raven.trainer",
+    "KVPOTrainer": "diffusers_raven.trainer",
     "ODERegressionConfig": "diffusers_raven.trainer",
     "ODERegressionTrainer": "diffusers_raven.trainer",
     "RavenConfig": "diffusers_raven.trainer",
@@ -54,6 +56,8 @@ if _TYPE_CHECKING:  # pragma: no cover
     from .trainer import (  # noqa: F401
         CMGRPOConfig,
         CMGRPOTrainer,
+        KVPOConfig,
+        KVPOTrainer,
         ODERegressionConfig,
         ODERegressionTrainer,
         RavenConfig,

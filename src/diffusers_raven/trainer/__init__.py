@@ -6,6 +6,8 @@ from .base import CausalVideoTrainerBase
 from .cmgrpo_config import CMGRPOConfig
 from .cmgrpo_trainer import CMGRPOTrainer
 from .config import VideoTrainerConfig
+from .kvpo_config import KVPOConfig
+from .kvpo_trainer import KVPOTrainer
 from .ode_trainer import ODERegressionConfig, ODERegressionTrainer, build_ode_dataset
 from .raven_config import HISTORY_MODES, RavenConfig
 from .raven_trainer import RavenTrainer
@@ -15,6 +17,8 @@ __all__ = [
     "CMGRPOConfig",
     "CMGRPOTrainer",
     "CausalVideoTrainerBase",
+    "KVPOConfig",
+    "KVPOTrainer",
     "ODERegressionConfig",
     "ODERegressionTrainer",
     "RavenConfig",

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,7 +30,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -346,6 +347,30 @@ class CausalVideoTrainerBase(Trainer):
                 self._text_cache[prompt] = embed
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    def new_kv_cache(self, batch_size: int, pool_frames: int | None = None) -> KVCache:
+        """A fresh KV cache for the student with the training window and sinks (``pool_frames``: older frames kept
+        beyond the window, for KVPO routing)."""
+        return KVCache.for_model(self.student, batch_size, window_frames=self.args.window_frames,
+                                 sink_frames=self.args.sink_frames, pool_frames=pool_frames)
+
+    def rollout_chunks(
+        self,
+        prompt_embeds: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        model: torch.nn.Module | None = None,
+        kv_cache: KVCache | None = None,
+        **sample_kwargs,
+    ) -> Iterator[ChunkTrajectory]:
+        """:meth:`rollout` as an iterator: each chunk is yielded once its context is in the cache, so the caller may
+        act on ``kv_cache`` (snapshot, restore, route) between two chunks. ``kv_cache`` defaults to a fresh cache."""
+        batch = prompt_embeds.shape[0]
+        channels, frames, h, w = self.latent_shape
+        cache = kv_cache if kv_cache is not None else self.new_kv_cache(batch)
+        denoiser = CacheDenoiser(model if model is not None else self.student, cache, prompt_embeds)
+        return self.sampler.chunks(denoiser, (batch, channels, h, w), self.pipeline.chunk_frames, frames,
+                                   generator=generator, device=prompt_embeds.device, dtype=self.student.dtype,
+                                   **sample_kwargs)
+
     def rollout(
         self,
         prompt_embeds: torch.Tensor,
@@ -356,15 +381,48 @@ class CausalVideoTrainerBase(Trainer):
         """The student's chunk-by-chunk sample of a training video through a fresh KV cache: the pipeline's chunk
         sampler with the training window, sinks and context noise. ``model`` (default: the student) may be the
         distributed wrapper for a pass with gradients; ``sample_kwargs`` go to :meth:`ChunkSampler.chunks`
-        (``latents``, ``history``, ``start_step``, ``exit_step``, ``grad``, ``record``)."""
-        batch = prompt_embeds.shape[0]
-        channels, frames, h, w = self.latent_shape
-        cache = KVCache.for_model(self.student, batch, window_frames=self.args.window_frames,
-                                  sink_frames=self.args.sink_frames)
-        denoiser = CacheDenoiser(model if model is not None else self.student, cache, prompt_embeds)
-        return list(self.sampler.chunks(denoiser, (batch, channels, h, w), self.pipeline.chunk_frames, frames,
-                                        generator=generator, device=prompt_embeds.device, dtype=self.student.dtype,
-                                        **sample_kwargs))
+        (``latents``, ``history``, ``start_step``, ``exit_step``, ``grad``, ``record``, ``first_frame``)."""
+        return list(self.rollout_chunks(prompt_embeds, generator, model, **sample_kwargs))
+
+    # ------------------------------------------------------------------ RL pieces shared by the reward trainers
+    def _init_reference(self, ref_model, needed: bool) -> None:
+        """The reference policy of a KL term: ``None`` under LoRA (the adapter-disabled model, see
+        :meth:`reference_model`) or when not ``needed``; else ``ref_model`` or a frozen copy of the starting student."""
+        self.ref_model = None
+        if needed and self.peft_config is None:
+            reference = ref_model if ref_model is not None else copy.deepcopy(self.student)
+            self.ref_model = reference.to(self.accelerator.device).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The reference policy for the duration of a ``with`` block: the frozen copy, or (LoRA) the trained model with
+        its adapter disabled (enabled again on exit)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        self.student.disable_adapters()
+        try:
+            yield self.model
+        finally:
+            self.student.enable_adapters()
+
+    def log_reward_metrics(self, scores: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor) -> None:
+        """TRL's reward metrics of ``scores`` ``[N, n_funcs]`` (NaN = no score) in prompt groups ``groups`` ``[N]``:
+        ``reward`` is the mean of the weighted sum of the raw scores (``Σ_f w_f r_f``, None skipped), so that it reads
+        on the rewards' own scale; ``reward_std`` is the mean over prompt groups of that sum's (biased) std within the
+        group; ``rewards/<name>/mean`` and ``/std`` per function."""
+        from ..training.grpo import aggregate_rewards, group_advantages
+
+        raw = aggregate_rewards(scores, weights, groups, "sum_then_normalize")
+        scored = ~torch.isnan(raw)
+        self.log_metric("reward", raw[scored].mean())
+        _, raw_stats = group_advantages(torch.where(scored, raw, torch.nan), groups, "none")
+        self.log_metric("reward_std", raw_stats["group_std"].mean())
+        for j, fn in enumerate(self.reward_funcs):
+            column = scores[:, j][~torch.isnan(scores[:, j])]
+            if len(column):
+                self.log_metric(f"rewards/{reward_name(fn)}/mean", column.mean())
+                self.log_metric(f"rewards/{reward_name(fn)}/std", column.std(unbiased=False))
 
     def log_metric(self, name: str, value: float | torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"

@@ -18,7 +18,6 @@ and no SDE sampler is needed. With ``sampler="sde"`` the same trainer runs on th
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -84,10 +83,7 @@ class CMGRPOTrainer(CausalVideoTrainerBase):
             raise ValueError(
                 f"`policy_steps`={args.policy_steps} exceeds the {non_final} non-final steps of the schedule."
             )
-        self.ref_model = None
-        if args.beta > 0 and peft_config is None:
-            reference = ref_model if ref_model is not None else copy.deepcopy(self.student)
-            self.ref_model = reference.to(self.accelerator.device).requires_grad_(False).eval()
+        self._init_reference(ref_model, needed=args.beta > 0)
 
     def _rollout_scheduler(self, pipe, args):
         if getattr(args, "sampler", "consistency") == "sde":
@@ -172,30 +168,14 @@ class CMGRPOTrainer(CausalVideoTrainerBase):
         return noise.to(self.accelerator.device, self.student.dtype)
 
     def _log_rewards(self, scores: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor, stats: dict) -> None:
-        """TRL's reward metrics: ``reward`` is the mean of the weighted sum of the raw scores (``Σ_f w_f r_f``, None
-        skipped), whatever the aggregation used for the advantages, so that it reads on the rewards' own scale;
-        ``reward_std`` is the mean over prompt groups of that sum's (biased) std within the group."""
-        raw = aggregate_rewards(scores, weights, groups, "sum_then_normalize")
-        scored = ~torch.isnan(raw)
-        self.log_metric("reward", raw[scored].mean())
-        _, raw_stats = group_advantages(torch.where(scored, raw, torch.nan), groups, "none")
-        self.log_metric("reward_std", raw_stats["group_std"].mean())
-        for j, fn in enumerate(self.reward_funcs):
-            column = scores[:, j][~torch.isnan(scores[:, j])]
-            if len(column):
-                self.log_metric(f"rewards/{reward_name(fn)}/mean", column.mean())
-                self.log_metric(f"rewards/{reward_name(fn)}/std", column.std(unbiased=False))
+        """TRL's reward metrics (:meth:`log_reward_metrics`) and the fraction of groups without reward spread."""
+        self.log_reward_metrics(scores, weights, groups)
         self.log_metric("frac_reward_zero_std", stats["frac_reward_zero_std"])
 
     def _reference_predictions(self, text, record: RolloutRecord, policy_steps: torch.Tensor) -> torch.Tensor:
         """``x̂0_ref`` of the reference policy at every policy step (adapter disabled, or the frozen copy)."""
-        if self.ref_model is not None:
-            return self._predict(self.ref_model, text, record, policy_steps)
-        self.student.disable_adapters()
-        try:
-            return self._predict(self.model, text, record, policy_steps)
-        finally:
-            self.student.enable_adapters()
+        with self.reference_model() as reference:
+            return self._predict(reference, text, record, policy_steps)
 
     # ------------------------------------------------------------------ the policy's loss
     def _predict(self, model, text: torch.Tensor, record: RolloutRecord, policy_steps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,445 @@
+"""KVPOTrainer: RL by KV-cache routing, the trajectory velocity energy and a Gibbs policy (METHOD.md §2, §7).
+
+KVPO explores without injecting noise. For each prompt (one row of the dataset):
+
+1. ``_generate`` (no grad, once per generation batch): an unrouted **anchor** is rolled out through a KV cache that
+   keeps a pool of older frames; at the fork chunk (drawn per prompt) the cache and the sampler's generator are
+   snapshotted, and each of the ``num_branches`` branches restores them and rolls the ``routed_chunks`` chunks of the
+   routed stretch with its own routing plan (``branch_plans``: the sinks, ``selected_frames`` older frames and the
+   ``recent_frames`` most recent frames), then continues unrouted to the end of the video. Anchor and branches share
+   the initial noise and the sampler's noise: only the routing differs. Every video is decoded and scored by the
+   reward functions on the whole video (global) and on the routed stretch's frames (local); anchor-relative
+   advantages per scope are fused (``fuse_advantages``) and the safety gate decides whether the prompt trains.
+2. ``compute_loss`` (per micro-batch and PPO epoch): each branch's recorded states are replayed under the
+   **unrouted** context that inference uses (the interleaved training-time-test pass of METHOD §4, history = the
+   branch's own context chunks, the training window and sinks), giving the trajectory velocity energy of the routed
+   stretch with gradient through the first ``grad_steps`` steps; ``kvpo_loss`` is the clipped-ratio loss on the
+   Gibbs policy ``softmax(−E)`` over the branches plus ``beta`` times the KL to the initial policy.
+
+One prompt's branches and anchor stay on one process (its advantages need no gather; the processes train on
+different prompts and DDP averages their gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from ..training.kvpo import (
+    anchor_advantages,
+    branch_plans,
+    fuse_advantages,
+    gibbs_log_policy,
+    kvpo_loss,
+    recorded_velocity,
+    safety_gate,
+    trajectory_velocity_energy,
+)
+from ..training.rollout import RolloutRecord, pack_interleaved
+from .base import CausalVideoTrainerBase, reward_name, score_videos
+from .kvpo_config import KVPOConfig
+
+KVPO_CITATION = """@article{kvpo2026,
+  title   = {KVPO: Policy Optimization by KV-Cache Routing for Long Autoregressive Video Generation},
+  journal = {arXiv preprint arXiv:2605.14278},
+  year    = {2026}
+}"""
+
+#: Columns of a generation batch that are not dataset columns for the reward functions.
+_INTERNAL_COLUMNS = ("prompt", "prompt_embeds", "sample_index")
+
+
+class _PolicyWeights:
+    """The trained weights at the last old-policy sync (``old_policy_sync_every > 1``), saved in checkpoints."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors = {k: v.clone() for k, v in state.items()}
+
+
+class KVPOTrainer(CausalVideoTrainerBase):
+    """Align a causal few-step video generator with rewards by KVPO: branches that differ only in their KV-cache
+    routing, scored against an unrouted anchor, trained through a Gibbs policy over trajectory velocity energies.
+
+    Args:
+        model: the policy: a [`CausalVideoPipeline`] (or a path to one), or a [`CausalWanTransformer3DModel`]
+            together with `pipeline=`.
+        reward_funcs: one or more reward functions `fn(prompts, videos, **columns) -> list[float | None]`, applied to
+            the whole video (global rewards, `reward_weights`) and to the routed stretch's frames (local rewards,
+            `local_reward_weights`).
+        args: a [`KVPOConfig`].
+        train_dataset: a `datasets.Dataset` with a `prompt` column; one row = one prompt = one group of branches.
+        eval_dataset: prompts whose videos `evaluate()` scores with the same reward functions.
+        ref_model: the initial policy of the KL term when training all weights (default: a frozen copy of the start);
+            with `peft_config` it is the model with its adapter disabled.
+        peft_config: train a LoRA adapter (the documented default for RL).
+    """
+
+    _tag_names = ["diffusers-raven", "kvpo", "rl", "text-to-video", "autoregressive", "long-video"]
+    _method_name = "KVPO (policy optimisation by KV-cache routing)"
+    _citation = KVPO_CITATION
+    config_class = KVPOConfig
+    _card_curves = (("reward", "Reward during training"),)
+
+    def __init__(self, model, reward_funcs=None, args: KVPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, ref_model=None, pipeline=None, peft_config=None, callbacks=None,
+                 optimizers=(None, None)):
+        args = args if args is not None else KVPOConfig(output_dir="kvpo-output")
+        if isinstance(args, KVPOConfig):
+            self.num_iterations = args.ppo_epochs
+        if not reward_funcs:
+            raise ValueError("`reward_funcs` is required: one or more functions `fn(prompts, videos, **columns)`.")
+        super().__init__(model, args, train_dataset, eval_dataset, reward_funcs, pipeline, peft_config, callbacks,
+                         optimizers)
+        if args.local_reward_weights is not None and len(args.local_reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"`local_reward_weights` has {len(args.local_reward_weights)} entries for {len(self.reward_funcs)} "
+                "reward functions."
+            )
+        self._check_geometry(args)
+        ones = [1.0] * len(self.reward_funcs)
+        self.global_weights = torch.tensor(args.reward_weights or ones, dtype=torch.float64)
+        self.local_weights = torch.tensor(args.local_reward_weights or ones, dtype=torch.float64)
+        self._init_reference(ref_model, needed=args.beta > 0)
+        self._old_policy = _PolicyWeights() if args.old_policy_sync_every > 1 else None
+
+    # ------------------------------------------------------------------ set-up
+    def routable_frame_count(self, fork_chunk: int) -> int:
+        """How many frames the branch plans can choose from at ``fork_chunk`` (what ``KVCache.routable_frames``
+        returns there): the held frames that are neither sinks nor among the ``recent_frames`` most recent."""
+        args, chunk = self.args, self.pipeline.chunk_frames
+        written = fork_chunk * chunk
+        held = written
+        if args.window_frames is not None:
+            held = max(0, min(written - args.sink_frames, args.pool_frames - args.sink_frames))
+        return max(0, held - (args.recent_frames - chunk))
+
+    def _check_geometry(self, args: KVPOConfig) -> None:
+        """Bad settings that depend on the model and the video fail here, before any rollout."""
+        chunk, chunks = self.pipeline.chunk_frames, len(self.chunk_sizes)
+        if args.recent_frames < chunk:
+            raise ValueError(
+                f"`recent_frames` ({args.recent_frames}) counts the routed chunk's own frames: at least the chunk "
+                f"size ({chunk})."
+            )
+        if args.fork_start_chunk + args.routed_chunks > chunks:
+            raise ValueError(
+                f"The routed stretch is longer than the video: `routed_chunks` ({args.routed_chunks}) from "
+                f"`fork_start_chunk` ({args.fork_start_chunk}) needs {args.fork_start_chunk + args.routed_chunks} "
+                f"chunks; `num_frames`={args.num_frames} gives {chunks}."
+            )
+        self.fork_end_chunk = chunks - args.routed_chunks if args.fork_end_chunk is None else args.fork_end_chunk
+        if self.fork_end_chunk + args.routed_chunks > chunks:
+            raise ValueError(
+                f"`fork_end_chunk` ({args.fork_end_chunk}) + `routed_chunks` ({args.routed_chunks}) is beyond the "
+                f"video's {chunks} chunks."
+            )
+        if args.grad_steps > self.sampler.num_steps:
+            raise ValueError(
+                f"`grad_steps` ({args.grad_steps}) is beyond the {self.sampler.num_steps} steps of the sampler."
+            )
+        eligible = self.routable_frame_count(args.fork_start_chunk)
+        if eligible < args.selected_frames:
+            raise ValueError(
+                f"`selected_frames` ({args.selected_frames}) exceeds the {eligible} frames a branch can be routed to "
+                f"at `fork_start_chunk` ({args.fork_start_chunk}); fork later, keep a larger pool (`pool_frames`) "
+                "or select fewer frames."
+            )
+        if args.num_branches > eligible:
+            raise ValueError(
+                f"`num_branches` ({args.num_branches}) is more than the pool allows: at `fork_start_chunk` "
+                f"({args.fork_start_chunk}) the cache holds {eligible} routable frames, so some branches would share "
+                "their plan; use fewer branches, a larger `pool_frames` or a later fork."
+            )
+
+    def model_card_fields(self) -> dict:
+        args = self.args
+        return {
+            "method": self._method_name,
+            "base model": self.student.config.get("_name_or_path") or "unknown",
+            "reward functions": ", ".join(reward_name(f) for f in self.reward_funcs),
+            "global reward weights": self.global_weights.tolist(),
+            "local reward weights": self.local_weights.tolist(),
+            "branches per prompt": args.num_branches,
+            "routed chunks": args.routed_chunks,
+            "selected / recent frames": f"{args.selected_frames} / {args.recent_frames}",
+            "window / sinks / pool": f"{args.window_frames} / {args.sink_frames} / {args.pool_frames}",
+            "grad steps": args.grad_steps,
+            "energy space": args.energy_space,
+            "fusion": f"{args.fusion} (local {args.local_weight}, global {args.global_weight})",
+            "gate": args.gate,
+            "beta": args.beta,
+        }
+
+    # ------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def rollout_group(self, text: torch.Tensor, sample: int) -> dict[str, Any]:
+        """The anchor and the branches of one prompt (``text`` ``[1, L, D]``, ``sample`` its ``sample_index``).
+
+        Returns ``record`` (a :class:`RolloutRecord` of ``G + 1`` rows: the branches, then the anchor), ``fork`` (the
+        first routed chunk) and ``plans`` (``[G, n]`` the older frames of each branch)."""
+        args, chunk = self.args, self.pipeline.chunk_frames
+        key = f"{self._generation}/{sample}"
+        fork = int(torch.randint(args.fork_start_chunk, self.fork_end_chunk + 1, (1,),
+                                 generator=self._seeded(f"{key}/fork")))
+        channels, frames, h, w = self.latent_shape
+        latents = torch.randn((1, channels, frames, h, w), generator=self._seeded(f"{key}/initial_noise"))
+        latents = latents.to(self.accelerator.device, self.student.dtype)
+        generator = self._seeded(f"{key}/rollout")
+        cache = self.new_kv_cache(1, args.pool_frames)
+        anchor, snapshot, state, pool = [], None, None, None
+        for c, trajectory in enumerate(self.rollout_chunks(text, generator, kv_cache=cache, latents=latents,
+                                                           record=True)):
+            anchor.append(trajectory)
+            if c == fork - 1:  # the fork: the cache and the sampler's noise stream every branch starts from
+                snapshot, state = cache.snapshot(), generator.get_state()
+                pool = cache.routable_frames(args.recent_frames)
+        plans = branch_plans(pool, args.num_branches, args.selected_frames, self._seeded(f"{key}/plans"))
+        branches = []
+        for plan in plans.tolist():
+            cache.restore(snapshot)
+            cache.route(plan, recent_frames=args.recent_frames)
+            stream = torch.Generator().set_state(state)
+            routed = []
+            for c, trajectory in enumerate(self.rollout_chunks(text, stream, kv_cache=cache, latents=latents,
+                                                               record=True, first_frame=fork * chunk)):
+                routed.append(trajectory)
+                if c == args.routed_chunks - 1:
+                    cache.route(None)
+            branches.append(RolloutRecord.from_chunks(anchor[:fork] + routed))
+        branches.append(RolloutRecord.from_chunks(anchor))
+        return {"record": _stack_records(branches), "fork": fork, "plans": plans}
+
+    # ------------------------------------------------------------------ no-grad part: rollouts, rewards, advantages
+    @torch.no_grad()
+    def _generate(self, inputs: dict) -> dict:
+        inputs = super()._generate(inputs)
+        args = self.args
+        text, index = inputs["prompt_embeds"], inputs["sample_index"]
+        prompts = list(inputs["prompt"])
+        columns = {k: v for k, v in inputs.items() if k not in _INTERNAL_COLUMNS}
+        size = args.num_branches + 1
+        start = time.perf_counter()
+        groups = [self.rollout_group(text[i : i + 1], int(index[i])) for i in range(len(prompts))]
+        videos = [self.decode_videos(g["record"].clean) for g in groups]
+        rollout_done = time.perf_counter()
+        global_scores, local_scores = [], []
+        for i, (group, video) in enumerate(zip(groups, videos)):
+            row = {k: _repeat(v, i, size) for k, v in columns.items()}
+            first, last = self._pixel_range(group["fork"])
+            global_scores.append(score_videos(self.reward_funcs, [prompts[i]] * size, video, row))
+            local_scores.append(score_videos(self.reward_funcs, [prompts[i]] * size, video[:, first:last], row))
+        self.log_metric("timing/rollout", rollout_done - start)
+        self.log_metric("timing/reward", time.perf_counter() - rollout_done)
+        if all(bool(torch.isnan(s).all()) for s in global_scores + local_scores):
+            raise ValueError(
+                "Every reward function returned None for every video of the generation batch: no reward to learn from."
+            )
+        self._log_rewards(global_scores, local_scores, index)
+
+        if self._old_policy is not None and self._generation % args.old_policy_sync_every == 0:
+            self._old_policy.tensors = {n: p.detach().clone() for n, p in self._trainable().items()}
+        records, win, skipped, scales, forks = [], [], [], [], []
+        for i, group in enumerate(groups):
+            fork, full = group["fork"], group["record"]
+            stop = (fork + args.routed_chunks) * self.pipeline.chunk_frames
+            record = _truncate(full, stop, fork + args.routed_chunks)  # the replay needs no later frame
+            noisy, pred = self._routed(record.noisy, fork), self._routed(record.pred_original, fork)
+            entry = {"record": record, "fork": fork, "plans": group["plans"],
+                     "recorded_velocity": recorded_velocity(noisy, pred, record.sigmas[: record.num_steps])}
+            local = self._scope_advantages(local_scores[i], self.local_weights)
+            global_ = self._scope_advantages(global_scores[i], self.global_weights)
+            entry["advantages"] = fuse_advantages(local, global_, args.fusion, args.local_weight, args.global_weight,
+                                                  args.adv_clip)
+            improvement = fuse_advantages(local, global_, "none", args.local_weight, args.global_weight, None)
+            text_i = text[i : i + 1]
+            energy = anchor_energy = None
+            if args.gate == "scale" or (args.ppo_epochs > 1 and self._old_policy is None):
+                energies = self._energy(self.student, text_i, entry, rows=slice(None))  # the rollout policy
+                energy, anchor_energy = energies[:-1], energies[-1]
+            if self._old_policy is not None:
+                with self._old_weights():
+                    entry["old_log_policy"] = gibbs_log_policy(self._energy(self.student, text_i, entry))
+            elif args.ppo_epochs > 1:
+                entry["old_log_policy"] = gibbs_log_policy(energy)
+            if args.beta > 0:
+                with self.reference_model() as reference:
+                    entry["ref_log_policy"] = gibbs_log_policy(self._energy(reference, text_i, entry))
+            gate = safety_gate(improvement, args.gate, energy, anchor_energy)
+            entry["gate_scale"] = gate.scale
+            if args.gate == "scale":
+                self.log_metric("kvpo/anchor_probability", gate.anchor_probability)
+                self.log_metric("kvpo/energy_anchor", anchor_energy)
+            win.append(float((improvement > 0).double().mean()))
+            skipped.append(float(gate.skip))
+            scales.append(gate.scale)
+            forks.append(fork)
+            records.append(entry)
+        self.log_metric("kvpo/anchor_win_rate", sum(win) / len(win))
+        self.log_metric("kvpo/skipped_updates", sum(skipped) / len(skipped))
+        self.log_metric("kvpo/gate_scale", sum(scales) / len(scales))
+        self.log_metric("kvpo/fork_chunk", sum(forks) / len(forks))
+        self.log_metric("kvpo/advantage_abs", torch.cat([e["advantages"].abs() for e in records]).mean())
+        inputs["kvpo"] = records
+        return inputs
+
+    def _pixel_range(self, fork: int) -> tuple[int, int]:
+        """The decoded frames ``[first, last)`` of the routed stretch's latent frames (the causal VAE decodes latent
+        frame 0 to one frame and every later latent frame to ``vae_scale_factor_temporal`` frames)."""
+        t, chunk = self.pipeline.vae_scale_factor_temporal, self.pipeline.chunk_frames
+        start, stop = fork * chunk, (fork + self.args.routed_chunks) * chunk
+        return (0 if start == 0 else t * (start - 1) + 1), t * (stop - 1) + 1
+
+    @staticmethod
+    def _scope_advantages(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Anchor-relative advantages ``[G]`` of one scope (``scores`` ``[G + 1, n_funcs]``, the anchor last): the
+        functions with a zero weight or a missing score (None) in this group are left out; none left gives 0."""
+        keep = (weights != 0) & ~torch.isnan(scores).any(dim=0)
+        if not bool(keep.any()):
+            return torch.zeros(scores.shape[0] - 1, dtype=torch.float64)
+        return anchor_advantages(scores[:-1, keep], scores[-1, keep], weights[keep])
+
+    def _log_rewards(self, global_scores: list[torch.Tensor], local_scores: list[torch.Tensor],
+                     index: torch.Tensor) -> None:
+        """TRL's reward metrics over the branches' global scores of every process (gathered, so every process logs
+        the same names), plus the anchor's and the local rewards (weighted sums, None skipped)."""
+        device = self.accelerator.device
+        branches = torch.cat([s[:-1] for s in global_scores])
+        groups = torch.cat([torch.full((len(s) - 1,), int(i)) for s, i in zip(global_scores, index)])
+        all_scores = self.accelerator.gather(branches.to(device)).cpu()
+        all_groups = self.accelerator.gather(groups.to(device)).cpu()
+        self.log_reward_metrics(all_scores, self.global_weights, all_groups)
+        anchor = torch.stack([s[-1] for s in global_scores])
+        self.log_metric("kvpo/anchor_reward", (anchor * self.global_weights).nansum(dim=1).mean())
+        local = torch.cat([s[:-1] for s in local_scores])
+        self.log_metric("kvpo/local_reward", (local * self.local_weights).nansum(dim=1).mean())
+
+    # ------------------------------------------------------------------ the energy
+    def _routed(self, per_step: torch.Tensor, fork: int) -> torch.Tensor:
+        """``[K, B, C, F, h, w]`` recorded states → ``[B, P, K, C, f, h, w]`` of the routed chunks."""
+        chunk, routed = self.pipeline.chunk_frames, self.args.routed_chunks
+        stretch = per_step[:, :, :, fork * chunk : (fork + routed) * chunk]
+        return stretch.unflatten(3, (routed, chunk)).permute(1, 3, 0, 2, 4, 5, 6)
+
+    def replay_velocity(self, model, text: torch.Tensor, entry: dict, rows=slice(None, -1),
+                        grad: bool = False) -> torch.Tensor:
+        """``v_θ`` ``[B, P, K, C, f, h, w]`` of the routed chunks of ``rows`` (default: the branches), replayed under
+        the unrouted context inference uses: one interleaved pass per step (METHOD §4: noisy = the recorded
+        ``x_{σ_k}`` of every chunk, history = the row's own context chunks, the training window and sinks). With
+        ``grad``, the first ``grad_steps`` steps run in one pass with gradients, the others without."""
+        record, args = entry["record"][rows], self.args
+        batch, steps = record.batch_size, record.num_steps
+        cut = min(args.grad_steps, steps) if grad else 0
+        velocities = []
+        for ks, enabled in ((range(cut), True), (range(cut, steps), False)):
+            if not len(ks):
+                continue
+            expanded = _repeat_record(record, len(ks))
+            step_index = torch.tensor(list(ks)).repeat_interleave(batch)
+            packed = pack_interleaved(expanded, step_index, args.context_noise, self.num_train_timesteps)
+            with torch.set_grad_enabled(enabled):
+                out = model(encoder_hidden_states=text.expand(len(step_index), -1, -1),
+                            window_frames=args.window_frames, sink_frames=args.sink_frames, **packed).sample
+            velocities.append(out.unflatten(0, (len(ks), batch)))
+        return self._routed(torch.cat(velocities), entry["fork"])  # from [K, B, C, F, h, w], as recorded
+
+    def _energy(self, model, text: torch.Tensor, entry: dict, rows=slice(None, -1), grad: bool = False):
+        """The trajectory velocity energy ``[B]`` of ``rows`` (default: the branches; ``slice(None)``: the branches
+        and the anchor), METHOD §7."""
+        args = self.args
+        pred = self.replay_velocity(model, text, entry, rows, grad)
+        recorded = entry["recorded_velocity"][rows].to(pred.device)
+        sigmas = entry["record"].sigmas[: entry["record"].num_steps]
+        return trajectory_velocity_energy(pred, recorded, sigmas, args.grad_steps, args.energy_space,
+                                          args.sigma_floor)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def _old_weights(self):
+        """The student with the old policy's weights (``old_policy_sync_every > 1``) inside the block."""
+        params = self._trainable()
+        current = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self._old_policy.tensors[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"old_policy": self._old_policy} if self._old_policy is not None else {}
+
+    # ------------------------------------------------------------------ the policy's loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        text = inputs["prompt_embeds"]
+        losses, stats, energies = [], [], []
+        for i, entry in enumerate(inputs["kvpo"]):
+            energy = self._energy(model, text[i : i + 1], entry, grad=True)
+            loss, stat = kvpo_loss(energy, entry["advantages"].to(energy.device), entry.get("old_log_policy"),
+                                   entry.get("ref_log_policy"), args.beta, args.epsilon_low, args.epsilon_high,
+                                   args.max_log_ratio)
+            losses.append(loss * entry["gate_scale"])
+            stats.append(stat)
+            energies.append(energy.detach())
+        loss = torch.stack(losses).mean().float()
+        for name in stats[0]:
+            value = torch.stack([s[name] for s in stats]).mean()
+            self.log_metric("kl" if name == "kvpo/kl" else name, value)
+        energy = torch.stack(energies)
+        self.log_metric("kvpo/energy_mean", energy.mean())
+        self.log_metric("kvpo/energy_std", energy.std(dim=1).mean())
+        self.log_metric("kvpo/energy_min", energy.min(dim=1).values.mean())
+        self.log_metric("kvpo/energy_max", energy.max(dim=1).values.mean())
+        self.log_metric("kvpo/loss", loss.detach())
+        return (loss, energy) if return_outputs else loss
+
+
+def _stack_records(records: list[RolloutRecord]) -> RolloutRecord:
+    """One record whose batch rows are the given one-row records."""
+    return RolloutRecord(
+        sigmas=records[0].sigmas,
+        noisy=torch.cat([r.noisy for r in records], dim=1),
+        pred_original=torch.cat([r.pred_original for r in records], dim=1),
+        clean=torch.cat([r.clean for r in records]),
+        chunk_sizes=list(records[0].chunk_sizes),
+        context=torch.cat([r.context for r in records]),
+    )
+
+
+def _truncate(record: RolloutRecord, frames: int, chunks: int) -> RolloutRecord:
+    """The record of the first ``frames`` latent frames (``chunks`` chunks)."""
+    return RolloutRecord(
+        sigmas=record.sigmas, noisy=record.noisy[:, :, :, :frames], pred_original=record.pred_original[:, :, :, :frames],
+        clean=record.clean[:, :, :frames], chunk_sizes=list(record.chunk_sizes[:chunks]),
+        context=record.context[:, :, :frames],
+    )
+
+
+def _repeat_record(record: RolloutRecord, times: int) -> RolloutRecord:
+    """The record repeated ``times`` along the batch (row ``j·B + b`` is row ``b``)."""
+    return RolloutRecord(
+        sigmas=record.sigmas, noisy=record.noisy.repeat(1, times, 1, 1, 1, 1),
+        pred_original=record.pred_original.repeat(1, times, 1, 1, 1, 1), clean=record.clean.repeat(times, 1, 1, 1, 1),
+        chunk_sizes=list(record.chunk_sizes), context=record.context.repeat(times, 1, 1, 1, 1),
+    )
+
+
+def _repeat(column, row: int, times: int):
+    """Row ``row`` of a dataset column, repeated for the anchor and every branch."""
+    if isinstance(column, torch.Tensor):
+        return column[row : row + 1].expand(times, *column.shape[1:])
+    return [column[row]] * times

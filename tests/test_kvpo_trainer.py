@@ -200,6 +200,12 @@ def test_bad_input_fails_before_any_rollout(tmp_path):
             build(out, **kwargs)
     with pytest.raises(ValueError, match="reward_funcs"):
         build(out, reward_funcs=[])
+    # the default first fork is the first chunk whose cache holds enough routable frames for the branches
+    assert build(out, fork_start_chunk=None).fork_start_chunk == 2  # 4 routable frames from chunk 2 for 3 branches
+    assert build(out, fork_start_chunk=None, num_branches=5).fork_start_chunk == 3
+    documented = build(out, fork_start_chunk=None, num_frames=93, window_frames=12, sink_frames=3, pool_frames=None,
+                       num_branches=8, routed_chunks=3, selected_frames=3)  # the docs/training.md example
+    assert (documented.fork_start_chunk, documented.fork_end_chunk, documented.args.pool_frames) == (4, 5, 35)
 
     def nothing(prompts, videos, **columns):
         return [None] * len(prompts)

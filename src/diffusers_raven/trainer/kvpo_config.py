@@ -37,9 +37,10 @@ class KVPOConfig(VideoTrainerConfig):
     pool_frames (`int`, *optional*): frames a windowed cache holds (sinks included), the pool the branch plans draw
         from; default `window_frames - 1 + num_branches · selected_frames` (the reference code keeps 33 frames for a
         12-frame window). Needs `window_frames`; a global cache keeps every frame.
-    fork_start_chunk (`int`, defaults to `1`), fork_end_chunk (`int`, *optional*): the fork (the first routed chunk)
-        is drawn per prompt, uniformly in `[fork_start_chunk, fork_end_chunk]`; default end: the last chunk at which
-        the routed stretch still fits in the video.
+    fork_start_chunk (`int`, *optional*), fork_end_chunk (`int`, *optional*): the fork (the first routed chunk) is
+        drawn per prompt, uniformly in `[fork_start_chunk, fork_end_chunk]`. Default start: the first chunk at which
+        the cache holds enough routable frames for `num_branches` distinct plans of `selected_frames` frames; default
+        end: the last chunk at which the routed stretch still fits in the video.
 
     > Parameters that control the rewards and advantages
 
@@ -83,7 +84,9 @@ class KVPOConfig(VideoTrainerConfig):
         default=None,
         metadata={"help": "Frames a windowed cache holds (default window_frames - 1 + num_branches·selected_frames)."},
     )
-    fork_start_chunk: int = field(default=1, metadata={"help": "Earliest chunk at which the routed stretch starts."})
+    fork_start_chunk: int | None = field(
+        default=None, metadata={"help": "Earliest chunk at which the routed stretch starts (default: the first possible)."}
+    )
     fork_end_chunk: int | None = field(
         default=None, metadata={"help": "Latest chunk at which it starts (default: the last at which it fits)."}
     )
@@ -115,17 +118,19 @@ class KVPOConfig(VideoTrainerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name, low in (("num_branches", 2), ("routed_chunks", 1), ("selected_frames", 1), ("recent_frames", 1),
-                          ("fork_start_chunk", 1), ("grad_steps", 1), ("ppo_epochs", 1),
+                          ("grad_steps", 1), ("ppo_epochs", 1),
                           ("old_policy_sync_every", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}.")
+        if self.fork_start_chunk is not None and (not _is_int(self.fork_start_chunk) or self.fork_start_chunk < 1):
+            raise ValueError(f"`fork_start_chunk` must be an integer ≥ 1 or None, got {self.fork_start_chunk!r}.")
         if self.fork_end_chunk is not None and (
-            not _is_int(self.fork_end_chunk) or self.fork_end_chunk < self.fork_start_chunk
+            not _is_int(self.fork_end_chunk) or self.fork_end_chunk < (self.fork_start_chunk or 1)
         ):
             raise ValueError(
-                f"`fork_end_chunk` must be an integer ≥ `fork_start_chunk` ({self.fork_start_chunk}) or None, got "
-                f"{self.fork_end_chunk!r}."
+                f"`fork_end_chunk` must be an integer ≥ `fork_start_chunk` ({self.fork_start_chunk or 1}) or None, "
+                f"got {self.fork_end_chunk!r}."
             )
         if self.window_frames is not None and self.recent_frames > self.window_frames - self.sink_frames:
             raise ValueError(

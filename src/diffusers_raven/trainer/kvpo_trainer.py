@@ -130,34 +130,46 @@ class KVPOTrainer(CausalVideoTrainerBase):
                 f"`recent_frames` ({args.recent_frames}) counts the routed chunk's own frames: at least the chunk "
                 f"size ({chunk})."
             )
-        if args.fork_start_chunk + args.routed_chunks > chunks:
+        if args.routed_chunks >= chunks:
+            raise ValueError(
+                f"The routed stretch is longer than the video: `routed_chunks` ({args.routed_chunks}) after at least "
+                f"one unrouted chunk needs {args.routed_chunks + 1} chunks; `num_frames`={args.num_frames} gives "
+                f"{chunks}."
+            )
+        start = args.fork_start_chunk
+        if start is None:  # the first fork with enough routable frames (or the last possible, which then fails below)
+            needed = max(args.num_branches, args.selected_frames)
+            start = next((s for s in range(1, chunks - args.routed_chunks + 1) if self.routable_frame_count(s) >= needed),
+                         chunks - args.routed_chunks)
+        self.fork_start_chunk = start
+        if start + args.routed_chunks > chunks:
             raise ValueError(
                 f"The routed stretch is longer than the video: `routed_chunks` ({args.routed_chunks}) from "
-                f"`fork_start_chunk` ({args.fork_start_chunk}) needs {args.fork_start_chunk + args.routed_chunks} "
-                f"chunks; `num_frames`={args.num_frames} gives {chunks}."
+                f"`fork_start_chunk` ({start}) needs {start + args.routed_chunks} chunks; `num_frames`="
+                f"{args.num_frames} gives {chunks}."
             )
         self.fork_end_chunk = chunks - args.routed_chunks if args.fork_end_chunk is None else args.fork_end_chunk
-        if self.fork_end_chunk + args.routed_chunks > chunks:
+        if self.fork_end_chunk < start or self.fork_end_chunk + args.routed_chunks > chunks:
             raise ValueError(
-                f"`fork_end_chunk` ({args.fork_end_chunk}) + `routed_chunks` ({args.routed_chunks}) is beyond the "
-                f"video's {chunks} chunks."
+                f"`fork_end_chunk` ({args.fork_end_chunk}) must lie in [{start}, {chunks - args.routed_chunks}]: from "
+                f"the first fork to the last at which `routed_chunks` ({args.routed_chunks}) fits in {chunks} chunks."
             )
         if args.grad_steps > self.sampler.num_steps:
             raise ValueError(
                 f"`grad_steps` ({args.grad_steps}) is beyond the {self.sampler.num_steps} steps of the sampler."
             )
-        eligible = self.routable_frame_count(args.fork_start_chunk)
+        eligible = self.routable_frame_count(start)
         if eligible < args.selected_frames:
             raise ValueError(
                 f"`selected_frames` ({args.selected_frames}) exceeds the {eligible} frames a branch can be routed to "
-                f"at `fork_start_chunk` ({args.fork_start_chunk}); fork later, keep a larger pool (`pool_frames`) "
+                f"at `fork_start_chunk` ({start}); fork later, keep a larger pool (`pool_frames`), use longer videos "
                 "or select fewer frames."
             )
         if args.num_branches > eligible:
             raise ValueError(
                 f"`num_branches` ({args.num_branches}) is more than the pool allows: at `fork_start_chunk` "
-                f"({args.fork_start_chunk}) the cache holds {eligible} routable frames, so some branches would share "
-                "their plan; use fewer branches, a larger `pool_frames` or a later fork."
+                f"({start}) the cache holds {eligible} routable frames, so some branches would share their plan; use "
+                "fewer branches, a larger `pool_frames`, a later fork or longer videos."
             )
 
     def model_card_fields(self) -> dict:
@@ -188,7 +200,7 @@ class KVPOTrainer(CausalVideoTrainerBase):
         first routed chunk) and ``plans`` (``[G, n]`` the older frames of each branch)."""
         args, chunk = self.args, self.pipeline.chunk_frames
         key = f"{self._generation}/{sample}"
-        fork = int(torch.randint(args.fork_start_chunk, self.fork_end_chunk + 1, (1,),
+        fork = int(torch.randint(self.fork_start_chunk, self.fork_end_chunk + 1, (1,),
                                  generator=self._seeded(f"{key}/fork")))
         channels, frames, h, w = self.latent_shape
         latents = torch.randn((1, channels, frames, h, w), generator=self._seeded(f"{key}/initial_noise"))

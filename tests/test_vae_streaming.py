@@ -20,8 +20,10 @@ from diffusers import AutoencoderKLWan
 
 from diffusers_raven.pipelines.vae_streaming import (
     StreamingVAEDecoder,
+    StreamingVAEEncoder,
     denormalize_latents,
     frames_for_latents,
+    latents_for_frames,
     normalize_latents,
 )
 
@@ -173,6 +175,60 @@ def test_frames_for_latents() -> None:
     assert [frames_for_latents(n) for n in range(5)] == [0, 1, 5, 9, 13]
     assert frames_for_latents(3, already_decoded=2) == 12
     assert frames_for_latents(3, temporal_factor=2) == 5
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("latent_sizes", [[3, 3, 1], [1, 3, 3], [7], [2, 5], [1] * 7])
+def test_chunked_encoding_matches_one_shot(setup, latent_sizes: list[int]) -> None:
+    """Chunk-by-chunk encoding (pixel chunks of 1 + 4 (f - 1) frames, then 4 f) equals the mode of one-shot
+    ``vae.encode``; one chunk is bitwise equal (the same calls on the same cache contents), other chunkings differ by
+    the float rounding of ``quant_conv`` on a different number of frames."""
+    vae, _, _ = setup
+    pixels = torch.rand(2, 3, 1 + 4 * (NUM_LATENT_FRAMES - 1), 16, 16, generator=torch.Generator().manual_seed(3))
+    pixels = pixels * 2 - 1
+    with torch.no_grad():
+        ref = vae.encode(pixels).latent_dist.mode()
+        stream = StreamingVAEEncoder(vae)
+        frame_sizes = [frames_for_latents(f, sum(latent_sizes[:i])) for i, f in enumerate(latent_sizes)]
+        outs = [stream.encode(chunk) for chunk in pixels.split(frame_sizes, dim=2)]
+    assert [o.shape[2] for o in outs] == latent_sizes
+    assert stream.num_latent_frames == NUM_LATENT_FRAMES and stream.num_frames == pixels.shape[2]
+    out = torch.cat(outs, dim=2)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+    if latent_sizes == [NUM_LATENT_FRAMES]:
+        assert torch.equal(out, ref)
+
+
+def test_naive_per_chunk_encode_differs_and_reset_restarts(setup) -> None:
+    """``vae.encode`` per chunk clears its cache (each chunk encoded as a new video): the comparison is sensitive.
+    After ``reset`` the streaming encoder starts a new video."""
+    vae, _, _ = setup
+    pixels = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        ref = vae.encode(pixels).latent_dist.mode()
+        naive = torch.cat([vae.encode(c).latent_dist.mode() for c in pixels.split([5, 4], dim=2)], dim=2)
+        stream = StreamingVAEEncoder(vae)
+        stream.encode(pixels[:, :, :5])
+        stream.reset()
+        again = stream.encode(pixels)
+    assert naive.shape != ref.shape or (naive - ref).abs().max() > 1e-3
+    assert torch.equal(again, ref)
+
+
+def test_encoder_frame_counts() -> None:
+    assert [latents_for_frames(n) for n in (0, 1, 5, 9, 13)] == [0, 1, 2, 3, 4]
+    assert latents_for_frames(12, already_encoded=9) == 3
+    assert all(latents_for_frames(frames_for_latents(n, d), d) == n for n in range(5) for d in (0, 3))
+    with pytest.raises(ValueError, match="1 \\+ 4"):
+        latents_for_frames(4)
+    with pytest.raises(ValueError, match="4·k"):
+        latents_for_frames(5, already_encoded=9)
+    stream = StreamingVAEEncoder(_make_vae("wan21"))
+    with pytest.raises(ValueError, match="frames"):
+        stream.encode(torch.zeros(1, 3, 2, 16, 16))
 
 
 def test_normalize_roundtrip_matches_pipeline() -> None:

@@ -1,12 +1,14 @@
-"""Chunk-by-chunk decoding of Wan latent video with a persistent causal-convolution cache.
+"""Chunk-by-chunk decoding and encoding of Wan video with a persistent causal-convolution cache.
 
-``AutoencoderKLWan.decode`` resets the decoder's causal-conv feature cache on every call, so decoding a video in
-pieces with it produces seams (every chunk is decoded as if it were the start of a new video). The
+``AutoencoderKLWan.decode`` and ``encode`` reset the causal-conv feature cache on every call, so decoding (or
+encoding) a video in pieces with them produces seams (every chunk is treated as the start of a new video). The
 :class:`StreamingVAEDecoder` below drives the decoder's per-latent-frame loop itself and keeps the feature cache in
-its own :class:`StreamingDecodeState`, so the concatenation of the chunk outputs equals one-shot decoding.
+its own :class:`StreamingDecodeState`, so the concatenation of the chunk outputs equals one-shot decoding;
+:class:`StreamingVAEEncoder` does the same for the encoder's loop (the first frame alone, then groups of
+``temporal factor`` frames), so chunk-by-chunk encoding equals one-shot ``vae.encode``.
 
-The cache is passed explicitly to ``vae.decoder(..., feat_cache=..., feat_idx=...)``; nothing is stored on the VAE
-module, so any number of streams can share one VAE (see ``docs/streaming_vae.md``).
+The cache is passed explicitly to ``vae.decoder(..., feat_cache=..., feat_idx=...)`` (``vae.encoder`` likewise);
+nothing is stored on the VAE module, so any number of streams can share one VAE (see ``docs/streaming_vae.md``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
 
 __all__ = [
     "StreamingDecodeState",
     "StreamingVAEDecoder",
+    "StreamingVAEEncoder",
     "denormalize_latents",
     "frames_for_latents",
+    "latents_for_frames",
     "normalize_latents",
 ]
 
@@ -64,6 +68,28 @@ def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
     """Pixels per latent along height and width: ``2 ** down-samplings``, times ``patch_size`` when the VAE patchifies
     its input (Wan 2.2 style)."""
     return 2 ** len(vae.config.temperal_downsample) * (vae.config.patch_size or 1)
+
+
+def latents_for_frames(num_frames: int, already_encoded: int = 0, temporal_factor: int = 4) -> int:
+    """Latent frames the encoder makes of ``num_frames`` pixel frames after ``already_encoded`` pixel frames: the inverse
+    of :func:`frames_for_latents`. The first frame of a video is encoded alone, every later ``temporal_factor`` frames
+    together, so the frames must complete whole groups (``ValueError`` otherwise)."""
+    if num_frames < 0 or already_encoded < 0:
+        raise ValueError("frame counts must be non-negative")
+    first = 1 if already_encoded == 0 and num_frames > 0 else 0
+    if (num_frames - first) % temporal_factor:
+        where = "the first chunk of a video" if already_encoded == 0 else "a later chunk"
+        rule = f"1 + {temporal_factor}·k" if already_encoded == 0 else f"{temporal_factor}·k"
+        raise ValueError(f"{where} must have {rule} frames to encode, got {num_frames}.")
+    return first + (num_frames - first) // temporal_factor
+
+
+def _pre_forward(vae: AutoencoderKLWan) -> None:
+    """The hook ``@apply_forward_hook`` triggers on ``vae.encode`` / ``vae.decode`` (model CPU offload moves the VAE to
+    the device)."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
 
 
 def frames_for_latents(num_latent_frames: int, already_decoded: int = 0, temporal_factor: int = 4) -> int:
@@ -155,10 +181,7 @@ class StreamingVAEDecoder:
             raise ValueError("state was created for a different decoder")
 
         vae = self.vae
-        # Same hook `@apply_forward_hook` triggers on `vae.decode` (model CPU offload moves the VAE to the device).
-        hook = getattr(vae, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(vae)
+        _pre_forward(vae)
         weight = vae.post_quant_conv.weight
         x = vae.post_quant_conv(latents.to(device=weight.device, dtype=weight.dtype))  # 1x1x1 conv: per frame
 
@@ -177,3 +200,81 @@ class StreamingVAEDecoder:
 
     def __call__(self, latents: torch.Tensor, state: StreamingDecodeState | None = None) -> torch.Tensor:
         return self.decode(latents, state)
+
+
+class StreamingVAEEncoder:
+    """Encode Wan video chunk by chunk while keeping the encoder's causal cache between chunks.
+
+    Example::
+
+        stream = StreamingVAEEncoder(vae)
+        for frames in pixel_chunks:  # [B, 3, n, H, W] in [-1, 1]: 1 + 4 k frames first, 4 k frames afterwards
+            latents = stream.encode(frames)  # [B, C, f, h, w], raw (not normalised): the posterior's mode
+
+    ``vae.encode`` runs the encoder on the first frame alone and then on groups of ``temporal factor`` frames, with a
+    causal-conv cache it clears at the start and the end of every call; this class runs the same per-group calls with
+    a cache of its own (a :class:`StreamingDecodeState` sized for the encoder), so the concatenated chunk outputs equal
+    one-shot ``vae.encode(video).latent_dist.mode()`` (the posterior's mean, as Wan's image-to-video pipeline takes it).
+    Gradients follow the caller's autograd mode; spatial tiling is not applied.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        self.vae = vae
+        self.num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+        self.temporal_factor = vae_temporal_factor(vae)
+        patch_size = vae.config.patch_size
+        if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
+            raise NotImplementedError(f"Unsupported vae.config.patch_size={patch_size!r}; expected an int >= 1.")
+        self.patch_size: int | None = patch_size
+        self.state = self.new_state()
+        self.num_frames = 0  # pixel frames encoded so far
+
+    def new_state(self) -> StreamingDecodeState:
+        """Return a fresh (empty) cache for this VAE's encoder (``num_latent_frames`` counts latent frames made)."""
+        return StreamingDecodeState(feat_cache=[None] * self.num_convs)
+
+    def reset(self) -> None:
+        """Forget all previous chunks; the next :meth:`encode` starts a new video."""
+        self.state = self.new_state()
+        self.num_frames = 0
+
+    @property
+    def num_latent_frames(self) -> int:
+        """Latent frames made so far in the current stream."""
+        return self.state.num_latent_frames
+
+    def latents_for_frames(self, num_frames: int) -> int:
+        """Latent frames the next :meth:`encode` of ``num_frames`` pixel frames makes (``ValueError`` if they do not
+        complete whole groups)."""
+        return latents_for_frames(num_frames, self.num_frames, self.temporal_factor)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encode one chunk of pixel frames ``[B, 3, n, H, W]`` in [-1, 1] to raw latents ``[B, C, f, h, w]``.
+
+        The first chunk of a video has ``1 + t·k`` frames, later ones ``t·k`` (``t`` the temporal factor, 4 for Wan).
+        """
+        if frames.ndim != 5:
+            raise ValueError(f"expected frames of shape [B, 3, n, H, W], got {tuple(frames.shape)}")
+        if frames.shape[2] == 0:
+            raise ValueError("pixel chunk has no frames")
+        num_latent = self.latents_for_frames(frames.shape[2])
+        state, t = self.state, self.temporal_factor
+
+        vae = self.vae
+        _pre_forward(vae)
+        weight = vae.quant_conv.weight
+        x = frames.to(device=weight.device, dtype=weight.dtype)
+        if self.patch_size is not None:
+            x = patchify(x, patch_size=self.patch_size)  # per frame: a rearrangement of pixels into channels
+        outs, start = [], 0
+        for _ in range(num_latent):
+            size = 1 if state.num_latent_frames == 0 else t
+            outs.append(vae.encoder(x[:, :, start : start + size], feat_cache=state.feat_cache, feat_idx=[0]))
+            state.num_latent_frames += 1
+            start += size
+        self.num_frames += frames.shape[2]
+        moments = vae.quant_conv(torch.cat(outs, dim=2))  # 1x1x1 conv: per frame
+        return moments.chunk(2, dim=1)[0]  # the mean (mode) of the diagonal Gaussian posterior
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encode(frames)

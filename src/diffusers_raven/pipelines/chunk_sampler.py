@@ -15,6 +15,9 @@ makes, including the context-noise rule:
 
 Random draws happen in one order, from one generator: the chunk's noise (unless given), the noise of every
 non-final step, then the context noise (only when ``context_noise > 0`` and the context is written).
+
+A video may also start from given frames (a clip to continue): :meth:`ChunkSampler.prefill` writes a given chunk's
+context with the same rule (its clean latents noised to ``context_noise``, one context pass), without sampling it.
 """
 
 from __future__ import annotations
@@ -214,6 +217,26 @@ class ChunkSampler:
         """The context pass: the only pass that writes the cache (its keys and values at ``context_noise``)."""
         denoiser(context, self.context_noise, frame_offset, update_cache=True)
 
+    def prefill(
+        self, denoiser: Denoiser, clean: torch.Tensor, frame_offset: int, generator=None
+    ) -> ChunkTrajectory:
+        """Write a *given* chunk (clean latents ``[B, C, f, h, w]`` of a clip to continue) to the cache as if it had
+        been sampled: its context (the context-noise rule of :meth:`context_latents`) in one context pass. Nothing is
+        sampled; the record has the chunk as ``clean`` and ``context`` and no steps (``start_step`` = the number of
+        steps)."""
+        context = self.context_latents(clean, generator)
+        self.write_context(denoiser, context, frame_offset)
+        return ChunkTrajectory(
+            sigmas=torch.tensor(self.sigmas),
+            noisy=None,
+            pred_original=None,
+            transitions=[],
+            clean=clean,
+            frame_start=frame_offset,
+            context=context,
+            start_step=self.num_steps,
+        )
+
     # ------------------------------------------------------------------ a video
     def chunks(
         self,
@@ -269,17 +292,28 @@ class ChunkSampler:
             frame += frames
             index += 1
 
-    def recache(self, denoiser: Denoiser, contexts: dict[int, torch.Tensor], chunk_frames: int) -> None:
+    def recache(
+        self,
+        denoiser: Denoiser,
+        contexts: dict[int, torch.Tensor],
+        chunk_frames: int,
+        first_chunk_frames: int | None = None,
+    ) -> None:
         """Rebuild the self-attention cache from recorded context latents (one ``[B, C, 1, h, w]`` tensor per latent
         frame), chunk by chunk in frame order: the prompt switch of METHOD §2, run with the denoiser's new prompt.
 
         The contexts are replayed as they were written (the same context noise), so after a re-cache the cache holds
-        what a stream under the new prompt would hold for the same frames, and no random draw is spent.
+        what a stream under the new prompt would hold for the same frames, and no random draw is spent. The frames are
+        grouped by the chunks they were written in: chunks of ``chunk_frames`` after a first chunk of
+        ``first_chunk_frames`` (default ``chunk_frames``; another size when a video started from a given clip whose
+        length is not a whole number of chunks).
         """
+        first = chunk_frames if first_chunk_frames is None else first_chunk_frames
         denoiser.kv_cache.reset()
         frames = sorted(contexts)
         while frames:
-            start = frames[0] - frames[0] % chunk_frames
-            run = [f for f in frames if f < start + chunk_frames]
+            start = 0 if frames[0] < first else frames[0] - (frames[0] - first) % chunk_frames
+            end = first if start == 0 else start + chunk_frames
+            run = [f for f in frames if f < end]
             self.write_context(denoiser, torch.cat([contexts[f] for f in run], dim=2), run[0])
             frames = frames[len(run) :]

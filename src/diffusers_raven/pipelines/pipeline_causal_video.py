@@ -9,10 +9,15 @@ with, METHOD §2) and decoding with the streaming VAE decoder, whose causal-conv
 
 :meth:`CausalVideoPipeline.stream` yields decoded chunks as they are made, for a fixed length or endlessly
 (``num_frames=None``), and can switch prompt mid-stream; ``__call__`` puts the chunks of a stream end to end.
+
+Both can continue a given clip (``video=`` frames or ``video_latents=``): its chunks are encoded with the streaming VAE
+encoder and written to the cache by context passes (``ChunkSampler.prefill``, the same context-noise rule), then
+generation goes on after them. A clip whose latent length is not a whole number of chunks starts with a shorter chunk.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -35,8 +41,10 @@ from ..utils.text import encode_prompts
 from .chunk_sampler import CacheDenoiser, ChunkSampler, ChunkTrajectory
 from .vae_streaming import (
     StreamingVAEDecoder,
+    StreamingVAEEncoder,
     denormalize_latents,
     frames_for_latents,
+    normalize_latents,
     vae_spatial_factor,
     vae_temporal_factor,
 )
@@ -52,7 +60,9 @@ _STREAM_ARGUMENTS_DOC = r"""            prompt (`str` or `list[str]`): the promp
                 the size the model was trained at, ``sample_height`` / ``sample_width`` of the config).
             num_frames (`int`, *optional*): output frames, ``1 + 4·(chunk·n − 1)`` (e.g. 21 or 81 for 3-frame chunks;
                 ``__call__``'s default is 21). ``None`` (``stream``'s default) streams until the caller stops iterating,
-                with constant memory: ``window_frames`` is then required and RoPE defaults to ``"relative"``.
+                with constant memory: ``window_frames`` is then required and RoPE defaults to ``"relative"``. When a
+                clip is continued, ``num_frames`` counts the whole video, the clip's frames included: ``1 + 4·(P +
+                chunk·n − 1)`` for a clip of ``P`` latent frames.
             num_inference_steps (`int`, *optional*): steps per chunk (default: the scheduler's 4-step schedule).
             sigmas (`list[float]`, *optional*): explicit sigmas per chunk (overrides ``num_inference_steps``).
             guidance_scale (`float`): classifier-free guidance; 1 (distilled models) runs a single branch.
@@ -75,6 +85,18 @@ _STREAM_ARGUMENTS_DOC = r"""            prompt (`str` or `list[str]`): the promp
             rope (`str`, *optional*): ``"absolute"`` or ``"relative"`` cache positions (see :class:`KVCache`).
             return_trajectory (`bool`): also return each chunk's sampling record (:class:`ChunkTrajectory`: the input
                 and prediction of every step, the output, and the context latents written to the cache).
+            video (*optional*): a clip to continue, as diffusers' video pipelines take it: a list of PIL images (one
+                image starts an image-to-video stream), a list of such lists (a batch), or ``[F, H, W, 3]`` /
+                ``[B, F, H, W, 3]`` arrays or ``[F, 3, H, W]`` / ``[B, F, 3, H, W]`` tensors, float in [0, 1] or
+                ``uint8``. Frames of another size are resized to ``height`` × ``width`` (with a warning). The VAE
+                encodes the clip chunk by chunk and context passes write it to the cache; generation continues after
+                it. The encoder takes ``1 + 4·k`` frames: from a clip of another length the last ``1 + 4·k`` are kept.
+                A clip longer than the window can show the first generated chunk (``window_frames − chunk`` latent
+                frames) is cut to its last frames. Both cuts are logged as warnings.
+            video_latents (`torch.Tensor`, *optional*): the clip as normalised latents ``[B, C, P, h, w]`` (as
+                ``output_type="latent"`` returns them), instead of ``video``; the same window rule applies.
+            return_prefix (`bool`): start the output with the given clip (decoded from its latents, the VAE round
+                trip of ``video``) or leave it out; chunks of the clip have ``is_prefix=True``.
 """
 
 
@@ -107,6 +129,7 @@ class CausalVideoChunk(BaseOutput):
         latent_frame_start: index of the chunk's first latent frame.
         prompt_index: index of the prompt in effect.
         trajectory: the sampling record when ``return_trajectory=True``.
+        is_prefix: the chunk is part of a given clip being continued (encoded and written to the cache, not sampled).
     """
 
     frames: Any
@@ -116,6 +139,7 @@ class CausalVideoChunk(BaseOutput):
     latent_frame_start: int
     prompt_index: int = 0
     trajectory: ChunkTrajectory | None = None
+    is_prefix: bool = False
 
 
 @dataclass
@@ -130,6 +154,39 @@ class CausalVideoPipelineOutput(BaseOutput):
 
     frames: Any
     trajectory: list[ChunkTrajectory] | None = None
+
+
+@dataclass
+class _Prefix:
+    """A clip to continue, checked and cut to what will be used: pixel frames ``[B, 3, F, H, W]`` in [-1, 1] (encoded
+    chunk by chunk when the stream reaches them) or normalised latents ``[B, C, P, h, w]``."""
+
+    pixels: torch.Tensor | None
+    latents: torch.Tensor | None
+    num_latent_frames: int
+
+    @property
+    def batch_size(self) -> int:
+        return (self.pixels if self.pixels is not None else self.latents).shape[0]
+
+    def expand(self, batch_size: int) -> _Prefix:
+        """The clip for a batch of ``batch_size`` prompts: one clip serves them all, else one clip per prompt."""
+        if self.batch_size == batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(
+                f"The clip to continue (`video` / `video_latents`) has batch {self.batch_size}; give one clip or one "
+                f"per prompt ({batch_size})."
+            )
+        pixels, latents = (None if x is None else x.expand(batch_size, *x.shape[1:]) for x in (self.pixels, self.latents))
+        return _Prefix(pixels, latents, self.num_latent_frames)
+
+
+def _chunk_sizes(num_frames: int, chunk_frames: int) -> list[int]:
+    """Chunks of a clip of ``num_frames`` latent frames: whole chunks after a shorter first one when the length is not
+    a whole number of chunks (the chunks after the clip then start where it ends)."""
+    first = num_frames % chunk_frames
+    return ([first] if first else []) + [chunk_frames] * (num_frames // chunk_frames)
 
 
 @dataclass
@@ -149,6 +206,9 @@ class _StreamState:
     prompt_index: int = 0
     contexts: dict[int, torch.Tensor] = field(default_factory=dict)
     pending_prompt: _PromptSegment | None = None
+    prefix_frames: int = 0
+    first_chunk_frames: int | None = None
+    return_prefix: bool = True
 
 
 class CausalVideoStream:
@@ -348,24 +408,28 @@ class CausalVideoPipeline(DiffusionPipeline):
         prompt: str | list[str] | None,
         prompt_embeds: torch.Tensor | list[torch.Tensor] | None,
         switch_frames: list[int] | None,
+        first_chunk_frames: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, _PromptSegment]]:
         """The first prompt's embeds (and negative embeds), and the later prompts of a schedule keyed by the index of
-        the chunk they start at (the first chunk starting at or after their switch frame)."""
+        the chunk they start at (the first chunk starting at or after their switch frame; chunks of a continued clip
+        count, and its first chunk may be shorter, ``first_chunk_frames``)."""
         if switch_frames is None:
             return (*encode(prompt, prompt_embeds), {})
         prompts = prompt if prompt is not None else [None] * (len(switch_frames) + 1)
         embeds = prompt_embeds if prompt_embeds is not None else [None] * len(prompts)
         segments = [encode(p, e) for p, e in zip(prompts, embeds)]
         schedule = {
-            self._first_chunk_from(frame): (index, *segments[index])
+            self._first_chunk_from(frame, first_chunk_frames): (index, *segments[index])
             for index, frame in enumerate(switch_frames, start=1)
         }
         return (*segments[0], schedule)
 
-    def _first_chunk_from(self, output_frame: int) -> int:
-        """Index of the first chunk that starts at or after output frame ``output_frame``."""
+    def _first_chunk_from(self, output_frame: int, first_chunk_frames: int | None = None) -> int:
+        """Index of the first chunk that starts at or after output frame ``output_frame``; the chunks start at latent
+        frames 0, ``first_chunk_frames`` (default: the chunk size), then every chunk."""
         latent = self.latent_frames_for(output_frame) if output_frame > 0 else 0
-        return -(-latent // self.chunk_frames)
+        first = first_chunk_frames or self.chunk_frames
+        return 0 if latent == 0 else 1 + -(-max(latent - first, 0) // self.chunk_frames)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(
@@ -382,8 +446,10 @@ class CausalVideoPipeline(DiffusionPipeline):
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str] | None,
         context_noise: float,
+        prefix_latent_frames: int = 0,
     ) -> None:
-        """Turn every bad argument into one clear ``ValueError``."""
+        """Turn every bad argument into one clear ``ValueError``. ``prefix_latent_frames``: the latent length of a clip
+        being continued (``num_frames`` then counts the whole video, clip included)."""
         factor = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(
@@ -399,7 +465,15 @@ class CausalVideoPipeline(DiffusionPipeline):
                     f"e.g. {1 + t * (chunk - 1)} or {1 + t * (2 * chunk - 1)}."
                 )
             latent = self.latent_frames_for(num_frames)
-            if latent % chunk:
+            p = prefix_latent_frames
+            if p and (latent <= p or (latent - p) % chunk):
+                examples = " or ".join(str(1 + t * (p + chunk * n - 1)) for n in (1, 2))
+                raise ValueError(
+                    f"`num_frames` counts the whole video, the given clip included: the clip is {p} latent frames "
+                    f"({frames_for_latents(p, 0, t)} frames), so `num_frames` must be 1 + {t}·({p} + {chunk}·n − 1), "
+                    f"e.g. {examples}; got {num_frames}."
+                )
+            if not p and latent % chunk:
                 raise ValueError(
                     f"`num_frames`={num_frames} gives {latent} latent frames, not a multiple of the chunk size "
                     f"({chunk}); use num_frames = 1 + {t}·({chunk}·n − 1), e.g. {1 + t * (chunk * 2 - 1)} or "
@@ -449,6 +523,130 @@ class CausalVideoPipeline(DiffusionPipeline):
             if num_frames is None or tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` must have shape {list(expected)} (and `num_frames` must be set).")
 
+    # ------------------------------------------------------------------ a clip to continue
+    def prepare_prefix(
+        self,
+        video: Any,
+        video_latents: torch.Tensor | None,
+        height: int,
+        width: int,
+        window_frames: int | None,
+    ) -> _Prefix | None:
+        """Check a clip to continue and cut it to what will be used (``None`` without one).
+
+        Pixel frames are resized to ``height`` × ``width`` and cut to their last ``1 + t·k`` frames (what the VAE
+        encodes); with a window, a clip is cut to its last ``window_frames − chunk`` latent frames, all the first
+        generated chunk can see. Resizing and cuts are logged as warnings; bad input is a ``ValueError`` naming it.
+        """
+        if video is None and video_latents is None:
+            return None
+        if video is not None and video_latents is not None:
+            raise ValueError("Give the clip to continue as `video` (frames) or as `video_latents`, not both.")
+        chunk, t = self.chunk_frames, self.vae_scale_factor_temporal
+        capacity = None  # latent frames the first generated chunk sees: the window minus the chunk itself
+        if isinstance(window_frames, int) and not isinstance(window_frames, bool) and window_frames > chunk:
+            capacity = window_frames - chunk
+        window_note = (
+            f"the window ({window_frames} latent frames, counting the {chunk}-frame chunk) shows the first generated "
+            f"chunk at most {capacity} latent frames"
+        )
+
+        if video_latents is not None:
+            h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+            channels = self.transformer.config.in_channels
+            if not isinstance(video_latents, torch.Tensor) or video_latents.ndim != 5:
+                raise ValueError(f"`video_latents` must be a tensor [B, {channels}, P, {h}, {w}], got {video_latents!r}.")
+            if video_latents.shape[1] != channels or tuple(video_latents.shape[3:]) != (h, w):
+                raise ValueError(
+                    f"`video_latents` must be [B, {channels}, P, {h}, {w}] for {height}×{width} frames, got "
+                    f"{list(video_latents.shape)}; latents cannot be resized: pass `height` / `width` that match them."
+                )
+            latents = video_latents
+            if latents.shape[2] == 0:
+                raise ValueError("`video_latents` has no frames: the clip to continue needs at least one.")
+            if capacity is not None and latents.shape[2] > capacity:
+                logger.warning(
+                    f"`video_latents` has {latents.shape[2]} latent frames but {window_note}: continuing from its last "
+                    f"{capacity}."
+                )
+                latents = latents[:, :, -capacity:]
+            return _Prefix(pixels=None, latents=latents, num_latent_frames=latents.shape[2])
+
+        pixels = self._video_tensor(video, height, width)
+        total = pixels.shape[2]
+        latent = (total - 1) // t + 1
+        reasons = []
+        if (total - 1) % t:
+            reasons.append(f"the VAE encodes 1 + {t}·k frames")
+        if capacity is not None and latent > capacity:
+            latent = capacity
+            reasons.append(window_note)
+        keep = 1 + t * (latent - 1)
+        if keep < total:
+            logger.warning(
+                f"`video` has {total} frames; continuing from its last {keep} ({latent} latent frames): "
+                + "; ".join(reasons) + "."
+            )
+            pixels = pixels[:, :, total - keep :]
+        return _Prefix(pixels=pixels, latents=None, num_latent_frames=latent)
+
+    def _video_tensor(self, video: Any, height: int, width: int) -> torch.Tensor:
+        """``video`` in any form diffusers' video pipelines take, as ``[B, 3, F, height, width]`` in [-1, 1]."""
+        forms = (
+            "a list of PIL images, a list of such lists, [F, H, W, 3] / [B, F, H, W, 3] arrays or [F, 3, H, W] / "
+            "[B, F, 3, H, W] tensors (float in [0, 1] or uint8)"
+        )
+        if isinstance(video, PIL.Image.Image):
+            video = [video]  # one image: an image-to-video start
+        if isinstance(video, (list, tuple)):
+            if not video or (isinstance(video[0], (list, tuple)) and not video[0]):
+                raise ValueError("`video` has no frames: the clip to continue needs at least one.")
+            nested = isinstance(video[0], (list, tuple))
+            items = [frame for clip in video for frame in clip] if nested else list(video)
+            if all(isinstance(frame, PIL.Image.Image) for frame in items):
+                size = items[0].size[::-1]
+                if any(frame.size[::-1] != size for frame in items):
+                    raise ValueError("The frames of `video` do not all have the same size.")
+                rgb = [[frame.convert("RGB") for frame in clip] for clip in video] if nested else [
+                    frame.convert("RGB") for frame in video
+                ]
+                return self._resized(rgb, size, height, width)
+            if all(isinstance(frame, (np.ndarray, torch.Tensor)) and frame.ndim == 3 for frame in items) and not nested:
+                video = np.stack(video) if isinstance(items[0], np.ndarray) else torch.stack(list(video))
+            else:
+                raise ValueError(f"`video` must be {forms}; got a list of {type(items[0]).__name__}.")
+        if isinstance(video, np.ndarray):
+            if video.ndim not in (4, 5) or video.shape[-1] != 3:
+                raise ValueError(f"A `video` array must be [F, H, W, 3] or [B, F, H, W, 3], got {list(video.shape)}.")
+            video = torch.from_numpy(np.ascontiguousarray(video)).movedim(-1, -3)
+        if not isinstance(video, torch.Tensor):
+            raise ValueError(f"`video` must be {forms}; got {type(video).__name__}.")
+        if video.ndim not in (4, 5) or video.shape[-3] != 3:
+            raise ValueError(f"A `video` tensor must be [F, 3, H, W] or [B, F, 3, H, W], got {list(video.shape)}.")
+        if video.shape[-4] == 0:
+            raise ValueError("`video` has no frames: the clip to continue needs at least one.")
+        if video.dtype == torch.uint8:
+            video = video.float() / 255
+        elif not video.is_floating_point():
+            raise ValueError(f"`video` must be float in [0, 1] or uint8, got {video.dtype}.")
+        video = video.float()
+        if video.min() < 0 or video.max() > 1:
+            raise ValueError(
+                f"`video` values must lie in [0, 1] (or be uint8), got [{float(video.min()):.3g}, "
+                f"{float(video.max()):.3g}]."
+            )
+        return self._resized(video.cpu(), tuple(video.shape[-2:]), height, width)
+
+    def _resized(self, video: Any, size: tuple[int, int], height: int, width: int) -> torch.Tensor:
+        """Preprocess ``video`` (PIL lists, or a float tensor in [0, 1] with frames ``[..., F, 3, H, W]``) to
+        ``[B, 3, F, height, width]`` in [-1, 1], saying so when the frames are resized."""
+        if tuple(size) != (height, width):
+            logger.warning(
+                f"The frames of `video` are {size[0]}×{size[1]} pixels; they are resized to {height}×{width}, the size "
+                "of the generated frames (pass `height` / `width` to generate at another size)."
+            )
+        return self.video_processor.preprocess_video(video, height=height, width=width)
+
     # ------------------------------------------------------------------ preparation
     def prepare_kv_cache(
         self,
@@ -495,11 +693,12 @@ class CausalVideoPipeline(DiffusionPipeline):
 
         return step_end
 
-    def _progress(self, num_latent_frames: int | None) -> tqdm:
-        """A bar over every step of the video, or a counter without a total for an endless stream."""
+    def _progress(self, num_latent_frames: int | None, prefix_frames: int = 0) -> tqdm:
+        """A bar over every step of the video (the chunks after a continued clip), or a counter without a total for an
+        endless stream."""
         if num_latent_frames is None:
             return tqdm(total=None, **getattr(self, "_progress_bar_config", {}))
-        num_chunks = -(-num_latent_frames // self.chunk_frames)
+        num_chunks = -(-(num_latent_frames - prefix_frames) // self.chunk_frames)
         return self.progress_bar(total=len(self.scheduler.timesteps) * num_chunks)
 
     # ------------------------------------------------------------------ the chunk loop
@@ -517,7 +716,7 @@ class CausalVideoPipeline(DiffusionPipeline):
         state.prompt_index, state.denoiser.prompt_embeds, state.denoiser.negative_prompt_embeds = switch
         state.denoiser.kv_cache.reset_text()
         if state.frame:
-            sampler.recache(state.denoiser, state.contexts, self.chunk_frames)
+            sampler.recache(state.denoiser, state.contexts, self.chunk_frames, state.first_chunk_frames)
 
     def _keep_contexts(self, state: _StreamState, trajectory: ChunkTrajectory) -> None:
         """Keep the chunk's context latents frame by frame, and forget the frames the next chunk no longer sees."""
@@ -538,6 +737,30 @@ class CausalVideoPipeline(DiffusionPipeline):
         pixels = decoder.decode(denormalize_latents(latents.to(self.vae.dtype), self.vae))
         return self.video_processor.postprocess_video(pixels, output_type=output_type)
 
+    def _prefill_chunks(
+        self,
+        prefix: _Prefix,
+        sampler: ChunkSampler,
+        denoiser: CacheDenoiser,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Iterator[ChunkTrajectory]:
+        """The chunks of a clip to continue, one at a time: encoded with the streaming VAE encoder (its causal cache
+        kept between chunks) unless given as latents, then written to the cache by a context pass."""
+        encoder = StreamingVAEEncoder(self.vae) if prefix.pixels is not None else None
+        frame = pixel = 0
+        for size in _chunk_sizes(prefix.num_latent_frames, self.chunk_frames):
+            if encoder is None:
+                clean = prefix.latents[:, :, frame : frame + size]
+            else:
+                count = frames_for_latents(size, frame, self.vae_scale_factor_temporal)
+                raw = encoder.encode(prefix.pixels[:, :, pixel : pixel + count].to(self.vae.dtype))
+                clean = normalize_latents(raw, self.vae)
+                pixel += count
+            yield sampler.prefill(denoiser, clean.to(device, dtype), frame, generator)
+            frame += size
+
     def _chunk_loop(
         self,
         state: _StreamState,
@@ -548,8 +771,9 @@ class CausalVideoPipeline(DiffusionPipeline):
         return_trajectory: bool,
         progress: tqdm,
     ) -> Iterator[CausalVideoChunk]:
-        """Per chunk: switch prompt if due → sample the chunk (``sampled``, the sampler's own loop) → keep its
-        contexts → decode → yield."""
+        """Per chunk: switch prompt if due → sample the chunk (``sampled``, the sampler's own loop; the chunks of a
+        continued clip are written, not sampled) → keep its contexts → decode → yield (the clip's chunks only with
+        ``return_prefix``; they are decoded anyway, for the decoder's causal cache)."""
         with progress:
             while state.num_latent_frames is None or state.frame < state.num_latent_frames:
                 self._switch_prompt_if_due(state, sampler, prompt_schedule)
@@ -558,15 +782,18 @@ class CausalVideoPipeline(DiffusionPipeline):
                 self._keep_contexts(state, trajectory)
                 frames = self._decode_chunk(state.decoder, trajectory.clean, output_type)
                 num_frames = trajectory.clean.shape[2]
-                yield CausalVideoChunk(
-                    frames=frames,
-                    latents=trajectory.clean,
-                    chunk_index=state.chunk_index,
-                    frame_start=state.output_frame,
-                    latent_frame_start=state.frame,
-                    prompt_index=state.prompt_index,
-                    trajectory=trajectory if return_trajectory else None,
-                )
+                is_prefix = state.frame < state.prefix_frames
+                if state.return_prefix or not is_prefix:
+                    yield CausalVideoChunk(
+                        frames=frames,
+                        latents=trajectory.clean,
+                        chunk_index=state.chunk_index,
+                        frame_start=state.output_frame,
+                        latent_frame_start=state.frame,
+                        prompt_index=state.prompt_index,
+                        trajectory=trajectory if return_trajectory else None,
+                        is_prefix=is_prefix,
+                    )
                 state.output_frame += frames_for_latents(num_frames, state.frame, self.vae_scale_factor_temporal)
                 state.frame += num_frames
                 state.chunk_index += 1
@@ -598,21 +825,30 @@ class CausalVideoPipeline(DiffusionPipeline):
         switch_frames: list[int] | None = None,
         rope: str | None = None,
         return_trajectory: bool = False,
+        video: Any = None,
+        video_latents: torch.Tensor | None = None,
+        return_prefix: bool = True,
     ) -> CausalVideoStream:
         r"""Generate a video chunk by chunk, yielding each decoded chunk as soon as it is ready.
 
         The inputs are checked, the prompts encoded and the cache, decoder and sampler prepared at once; each chunk is
-        made when the returned :class:`CausalVideoStream` is asked for it. Its ``switch_prompt()`` changes the prompt
-        interactively.
+        made when the returned :class:`CausalVideoStream` is asked for it (a continued clip's chunks are encoded and
+        written to the cache as the stream reaches them). Its ``switch_prompt()`` changes the prompt interactively.
 
         Args:
         """
-        # 1. Check inputs
+        # 1. Check inputs (a clip to continue first: its length sets the chunks and the valid `num_frames`)
+        if video_latents is not None and isinstance(video_latents, torch.Tensor) and video_latents.ndim == 5:
+            height = height or video_latents.shape[3] * self.vae_scale_factor_spatial
+            width = width or video_latents.shape[4] * self.vae_scale_factor_spatial
         height = height or self.default_height
         width = width or self.default_width
         switch_frames = list(switch_frames) if switch_frames is not None else None
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        prefix = self.prepare_prefix(video, video_latents, height, width, window_frames)
+        prefix_frames = prefix.num_latent_frames if prefix is not None else 0
+        first_chunk_frames = _chunk_sizes(prefix_frames, self.chunk_frames)[0] if prefix_frames else None
         self.check_inputs(
             prompt,
             prompt_embeds,
@@ -626,6 +862,7 @@ class CausalVideoPipeline(DiffusionPipeline):
             output_type,
             callback_on_step_end_tensor_inputs,
             context_noise,
+            prefix_frames,
         )
 
         # 2. Encode the prompt (and the later prompts of a schedule; the negative prompt serves every prompt)
@@ -637,10 +874,10 @@ class CausalVideoPipeline(DiffusionPipeline):
             max_sequence_length=max_sequence_length,
         )
         prompt_embeds, negative_prompt_embeds, prompt_schedule = self._encode_prompt_schedule(
-            encode, prompt, prompt_embeds, switch_frames
+            encode, prompt, prompt_embeds, switch_frames, first_chunk_frames
         )
 
-        # 3. Prepare the schedule, the latents, the cache, the decoder and the sampler
+        # 3. Prepare the schedule, the latents, the cache, the decoder, the sampler (and the clip's chunks)
         device, dtype = self._execution_device, self.transformer.dtype
         self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
         batch_size = prompt_embeds.shape[0]
@@ -656,9 +893,16 @@ class CausalVideoPipeline(DiffusionPipeline):
         denoiser = CacheDenoiser(
             self.transformer, kv_cache, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs
         )
-        state = _StreamState(denoiser, StreamingVAEDecoder(self.vae), num_latent_frames)
+        state = _StreamState(
+            denoiser,
+            StreamingVAEDecoder(self.vae),
+            num_latent_frames,
+            prefix_frames=prefix_frames,
+            first_chunk_frames=first_chunk_frames,
+            return_prefix=return_prefix,
+        )
         sampler = ChunkSampler(self.scheduler, context_noise)
-        progress = self._progress(num_latent_frames)
+        progress = self._progress(num_latent_frames, prefix_frames)
         sampled = sampler.chunks(
             denoiser,
             latent_shape,
@@ -670,9 +914,15 @@ class CausalVideoPipeline(DiffusionPipeline):
             callback=self._step_end_hook(
                 denoiser, progress, callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]
             ),
+            first_frame=prefix_frames,
             device=device,
             dtype=dtype,
         )
+        if prefix is not None:  # the clip's chunks first (their context noise drawn before any chunk's noise)
+            prefix = prefix.expand(batch_size)
+            sampled = itertools.chain(
+                self._prefill_chunks(prefix, sampler, denoiser, generator, device, dtype), sampled
+            )
 
         # 4. The chunk loop, run as the stream is read
         chunks = self._chunk_loop(state, sampler, sampled, prompt_schedule, output_type, return_trajectory, progress)
@@ -706,6 +956,9 @@ class CausalVideoPipeline(DiffusionPipeline):
         switch_frames: list[int] | None = None,
         rope: str | None = None,
         return_trajectory: bool = False,
+        video: Any = None,
+        video_latents: torch.Tensor | None = None,
+        return_prefix: bool = True,
     ) -> CausalVideoPipelineOutput | tuple:
         r"""Generate a whole video: the chunks of :meth:`stream` put end to end.
 
@@ -736,6 +989,9 @@ class CausalVideoPipeline(DiffusionPipeline):
             switch_frames=switch_frames,
             rope=rope,
             return_trajectory=return_trajectory,
+            video=video,
+            video_latents=video_latents,
+            return_prefix=return_prefix,
         )
         chunks = list(stream)
         self.maybe_free_model_hooks()

@@ -115,6 +115,79 @@ def test_generate_prompt_switch(tmp_path, capsys):
     assert len(_mp4_frames(output)) == 21
 
 
+# ---------------------------------------------------------------------- --continue
+def _clip(path: Path, frames: int = 11) -> Path:
+    """A smooth moving-gradient clip of ``frames`` frames at 32×32 (written enlarged to 128×128)."""
+    y, x = np.mgrid[0:32, 0:32] / 31.0
+    video = np.stack([np.stack([x, y, (x + y + 0.1 * f) % 1.0], axis=-1) for f in range(frames)])
+    return save_video(video.astype(np.float32), path)
+
+
+def test_generate_continue_clip_equals_the_pipeline(tmp_path, capsys):
+    """``--continue`` writes what the pipeline makes of the clip read from the file (``video=``, same seed): the clip's
+    chunk (the last 9 of its 11 frames, resized from 128×128 with a note) then two generated chunks."""
+    import torch
+
+    from diffusers_raven.utils.video import read_video
+
+    clip, output = _clip(tmp_path / "clip.mp4"), tmp_path / "continued.gif"
+    argv = ["generate", "--model", "random-tiny", "--prompt", "a red circle", "--height", "32", "--width", "32",
+            "--seed", "4", "--continue", str(clip), "--output", str(output)]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "continuing" in out and "11 frames of 128x128, 9 used (3 latent frames)" in out
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert any("128×128" in n and "resized to 32×32" in n for n in notes), err
+    assert any("11 frames" in n and "last 9" in n for n in notes), err
+    chunk_lines = [line for line in out.splitlines() if line.startswith("chunk ")]
+    assert len(chunk_lines) == 3 and chunk_lines[0].endswith("(the clip, encoded and decoded)")
+    assert "done: 33 frames" in out
+
+    pipe, _ = presets.load_pipeline("random-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a red circle", num_frames=33, height=32, width=32, video=read_video(clip),
+                  generator=torch.Generator().manual_seed(4)).frames[0]
+    reference = save_video(frames, tmp_path / "reference.gif")
+    assert np.array_equal(read_video(output), read_video(reference))
+
+    output = tmp_path / "new_only.gif"
+    code, out, err = _run([*argv[:-1], str(output), "--without-clip", "--frames", "45"], capsys)
+    assert code == 0, err
+    assert _gif_frames(output) == 36 and "done: 36 frames" in out  # 3 generated chunks after the 9-frame clip
+
+
+def test_generate_continue_an_image(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "start.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
+    output = tmp_path / "from_image.gif"
+    argv = ["generate", "--model", "random-tiny", "--prompt", "a red circle", "--height", "32", "--width", "32",
+            "--continue", str(image), "--output", str(output)]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "1 used (1 latent frames)" in out and _gif_frames(output) == 1 + 24
+
+
+@pytest.mark.skipif(not presets.bundled_model_available(), reason="the bundled model is not installed")
+def test_generate_continue_with_the_bundled_model(tmp_path, capsys):
+    """End to end with the bundled model: the output starts with the clip (VAE round trip and H.264: mean difference
+    below 0.02) and goes on without a jump at the seam (the change from the clip's last frame to the first new one is
+    no larger than the video's largest change between consecutive frames)."""
+    from diffusers_raven.utils.video import read_video
+
+    prompt = ["--prompt", "a red circle moving right on a black background"]
+    clip, output = tmp_path / "clip.mp4", tmp_path / "continued.mp4"
+    assert _run(["generate", *prompt, "--frames", "21", "--output", str(clip)], capsys)[0] == 0
+    code, out, err = _run(["generate", *prompt, "--continue", str(clip), "--output", str(output)], capsys)
+    assert code == 0, err
+    given, video = read_video(clip) / 255.0, read_video(output) / 255.0
+    assert video.shape == (45, 128, 128, 3)
+    assert np.abs(video[:21] - given).mean() < 0.02
+    steps = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))
+    assert steps[20] <= steps.max() and steps[20] < 0.02, steps
+
+
 # ---------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "extra, expected",
@@ -131,10 +204,16 @@ def test_generate_prompt_switch(tmp_path, capsys):
         (["--prompt", "a", "--steps", "0"], "--steps"),
         (["--prompt", "a", "--sink-frames", "3"], "window_frames"),
         (["--prompt", "a", "--device", "nonsense"], "--device"),
+        (["--prompt", "a", "--continue", "no-such-clip.mp4"], "--continue no-such-clip.mp4: no such file"),
+        (["--prompt", "a", "--continue", "{bad}"], "cannot read video"),
+        (["--prompt", "a", "--continue", "{clip}", "--frames", "21"], "--frames counts the whole video"),
+        (["--prompt", "a", "--without-clip"], "--without-clip needs --continue"),
     ],
 )
 def test_generate_errors_are_one_line(tmp_path, capsys, extra, expected):
     output = tmp_path / "out.mp4"
+    (tmp_path / "bad.mp4").write_text("not a video")
+    extra = [e.format(bad=tmp_path / "bad.mp4", clip=_clip(tmp_path / "clip.mp4", frames=21)) for e in extra]
     argv = ["generate", "--model", "random-tiny", "--height", "32", "--width", "32", "--output", str(output)]
     code, _, err = _run([*argv, *extra], capsys)
     assert code == 2

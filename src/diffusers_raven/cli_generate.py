@@ -1,4 +1,5 @@
-"""The ``diffusers-raven generate`` sub-command: stream a video from a prompt and write it chunk by chunk.
+"""The ``diffusers-raven generate`` sub-command: stream a video from a prompt (or continue a clip) and write it chunk
+by chunk.
 
 Heavy imports (torch, diffusers) happen only when the command runs, so ``diffusers-raven --help`` stays fast.
 """
@@ -6,8 +7,11 @@ Heavy imports (torch, diffusers) happen only when the command runs, so ``diffuse
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .cli import CLIError
@@ -22,6 +26,12 @@ Generate a video from a text prompt with a streaming (chunk-by-chunk) causal vid
 Each chunk of frames is written to the output file as soon as it is decoded, and one line per chunk reports its
 latency. Frame counts follow the model's chunking: with the usual 3 latent frames per chunk and the VAE's 4x
 temporal compression, valid --frames values are 9 (one chunk), 21, 33, 45, ... (12 more per chunk).
+
+With --continue CLIP, the video continues a clip (.mp4, .gif or any video ffmpeg reads; one image works too, as a
+one-frame clip): the clip is encoded with the VAE chunk by chunk and written to the model's cache, and generation
+goes on from its last frame. --frames then counts the whole video, the clip included (by default the clip plus
+two chunks, 24 frames). The clip's frames are resized to the output size, and only its last 1 + 4·k frames are used
+(with --window-frames, at most window - chunk latent frames); each change is printed as a note.
 """
 
 _EPILOG = """\
@@ -39,6 +49,7 @@ examples:
   diffusers-raven generate --prompt "a red circle moves right" --prompt "a red circle moves left" \\
       --switch-frames 21 --frames 45           # prompt switch: the second prompt takes over at frame 21
   diffusers-raven generate --prompt "a green ball rolls" --frames 81 --window-frames 9 --sink-frames 3
+  diffusers-raven generate --prompt "a red circle moving right" --continue clip.mp4 --output continued.mp4
   diffusers-raven generate --model path/to/pipeline --prompt "..." --height 256 --width 256 --steps 4
 """
 
@@ -75,7 +86,24 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "pipeline folder or a Hub repository id (see below)",
     )
     parser.add_argument(
-        "--frames", type=int, default=21, metavar="N", help="number of output frames: 9, 21, 33, ... (default: 21)"
+        "--frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of output frames: 9, 21, 33, ... (default: 21); with --continue, the whole video's, the clip "
+        "included (default: the clip plus 24 frames)",
+    )
+    parser.add_argument(
+        "--continue",
+        dest="continue_clip",
+        default=None,
+        metavar="CLIP",
+        help="a video (or image) to continue: .mp4, .gif, ...; the output starts with it (decoded by the model's VAE)",
+    )
+    parser.add_argument(
+        "--without-clip",
+        action="store_true",
+        help="with --continue, write only the frames generated after the clip",
     )
     parser.add_argument(
         "--height",
@@ -142,8 +170,15 @@ def _check_args(args: argparse.Namespace) -> list[str]:
             f"--switch-frames has {len(switches)} frame(s) but there are {len(prompts)} prompts; give one switch "
             "frame per extra --prompt."
         )
-    if args.frames < 1:
+    if args.frames is not None and args.frames < 1:
         raise CLIError(f"--frames must be positive (num_frames = 1 + 4·k), got {args.frames}.")
+    if args.without_clip and args.continue_clip is None:
+        raise CLIError("--without-clip needs --continue CLIP.")
+    if args.continue_clip is not None:
+        from pathlib import Path
+
+        if not Path(args.continue_clip).is_file():
+            raise CLIError(f"--continue {args.continue_clip}: no such file.")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}.")
     for name in ("height", "width"):
@@ -153,6 +188,60 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.fps <= 0:
         raise CLIError(f"--fps must be positive, got {args.fps:g}.")
     return prompts
+
+
+def _read_clip(path: str) -> Any:
+    """The frames of the clip to continue, ``[F, H, W, 3]`` uint8 (a still image is a one-frame clip)."""
+    from .utils.video import read_video
+
+    try:
+        return read_video(path)
+    except (ValueError, ImportError) as err:
+        video_error = err
+    try:  # not a video: maybe an image
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))[None]
+    except (UnidentifiedImageError, OSError):
+        raise CLIError(f"--continue {path}: {video_error}") from None
+
+
+def _clip_frame_counts(pipe: Any, frames: int | None, clip_frames: int, window_frames: int | None) -> tuple[int, int]:
+    """``(whole video's frames, clip's latent frames)`` for --continue: --frames checked against the clip (the whole
+    video is 1 + t·(P + c·n − 1) frames for a clip of P latent frames), or the default, the clip plus two chunks."""
+    t, c = pipe.vae_scale_factor_temporal, pipe.chunk_frames
+    kept, latent = pipe.clip_frames_kept(clip_frames, window_frames)
+    if frames is None:
+        return 1 + t * (latent + 2 * c - 1), latent
+    total = (frames - 1) // t + 1
+    if (frames - 1) % t or total <= latent or (total - latent) % c:
+        examples = ", ".join(str(1 + t * (latent + c * n - 1)) for n in (1, 2, 3))
+        raise CLIError(
+            f"--frames counts the whole video, the clip included: the {kept} frames used of the clip are {latent} "
+            f"latent frames, so --frames must be 1 + {t}·({latent} + {c}·n − 1), e.g. {examples}; got {frames}."
+        )
+    return frames, latent
+
+
+@contextlib.contextmanager
+def _pipeline_warnings_as_notes() -> Iterator[None]:
+    """Print the pipeline's warnings (a clip resized or cut) as ``note:`` lines on stderr while the command runs."""
+
+    class Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+
+    package = logging.getLogger("diffusers_raven")
+    handler, propagate = Notes(level=logging.WARNING), package.propagate
+    package.addHandler(handler)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.propagate = propagate
 
 
 def _device(name: str) -> Any:
@@ -182,6 +271,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .utils.video import VideoWriter
 
     device = _device(args.device)
+    clip = _read_clip(args.continue_clip) if args.continue_clip is not None else None  # bad files fail fast
     resolved = resolve_model(args.model)
     say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
 
@@ -196,25 +286,38 @@ def run_generate(args: argparse.Namespace) -> int:
     width = args.width or pipe.default_width
     say(f"model: {description} (loaded in {time.perf_counter() - t_load:.1f} s, device {device})")
 
+    clip_latent_frames, num_frames = 0, args.frames or 21
+    if clip is not None:
+        num_frames, clip_latent_frames = _clip_frame_counts(pipe, args.frames, len(clip), args.window_frames)
+        say(
+            f"continuing {args.continue_clip}: {len(clip)} frames of {clip.shape[2]}x{clip.shape[1]}, "
+            f"{pipe.clip_frames_kept(len(clip), args.window_frames)[0]} used ({clip_latent_frames} latent frames)"
+        )
+
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    stream = pipe.stream(
-        prompt=prompts if args.switch_frames else prompts[0],
-        height=height,
-        width=width,
-        num_frames=args.frames,
-        num_inference_steps=args.steps,
-        generator=generator,
-        window_frames=args.window_frames,
-        sink_frames=args.sink_frames,
-        switch_frames=args.switch_frames,
-        rope=args.rope,
-        output_type="np",
-    )
-    latent_frames = pipe.latent_frames_for(args.frames)
-    num_chunks = -(-latent_frames // pipe.chunk_frames)
+    with _pipeline_warnings_as_notes():
+        stream = pipe.stream(
+            prompt=prompts if args.switch_frames else prompts[0],
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=args.steps,
+            generator=generator,
+            window_frames=args.window_frames,
+            sink_frames=args.sink_frames,
+            switch_frames=args.switch_frames,
+            rope=args.rope,
+            output_type="np",
+            video=clip,
+            return_prefix=not args.without_clip,
+        )
+    latent_frames = pipe.latent_frames_for(num_frames)
+    clip_chunks = -(-clip_latent_frames // pipe.chunk_frames)
+    num_chunks = clip_chunks + -(-(latent_frames - clip_latent_frames) // pipe.chunk_frames)
     steps = len(pipe.scheduler.timesteps)
+    what = f"{num_frames} frames" if clip is None else f"{num_frames} frames (the clip's included)"
     say(
-        f"generating {args.frames} frames at {width}x{height} in {num_chunks} chunk(s), {steps} step(s) per chunk, "
+        f"generating {what} at {width}x{height} in {num_chunks - clip_chunks} chunk(s), {steps} step(s) per chunk, "
         f"seed {args.seed}"
     )
     try:
@@ -224,7 +327,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        with writer:
+        with writer, _pipeline_warnings_as_notes():
             while True:
                 t_chunk = time.perf_counter()
                 chunk = next(stream, None)
@@ -234,10 +337,11 @@ def run_generate(args: argparse.Namespace) -> int:
                 frames = chunk.frames[0]
                 writer.append(frames)
                 prompt_note = f", prompt {chunk.prompt_index + 1}" if args.switch_frames else ""
+                clip_note = " (the clip, encoded and decoded)" if chunk.is_prefix else ""
                 say(
                     f"chunk {chunk.chunk_index + 1}/{num_chunks}: frames {chunk.frame_start}-"
                     f"{chunk.frame_start + len(frames) - 1} ({writer.frames_written} so far) in {latency:.2f} s"
-                    f"{prompt_note}"
+                    f"{prompt_note}{clip_note}"
                 )
     finally:
         stream.close()

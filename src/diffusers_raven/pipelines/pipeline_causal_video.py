@@ -524,6 +524,24 @@ class CausalVideoPipeline(DiffusionPipeline):
                 raise ValueError(f"`latents` must have shape {list(expected)} (and `num_frames` must be set).")
 
     # ------------------------------------------------------------------ a clip to continue
+    def clip_capacity(self, window_frames: int | None) -> int | None:
+        """Latent frames of a given clip the first generated chunk can see: ``window_frames`` minus the chunk, or
+        ``None`` (no limit) without a window. A longer clip is cut to its last frames."""
+        chunk = self.chunk_frames
+        if isinstance(window_frames, int) and not isinstance(window_frames, bool) and window_frames > chunk:
+            return window_frames - chunk
+        return None
+
+    def clip_frames_kept(self, num_clip_frames: int, window_frames: int | None = None) -> tuple[int, int]:
+        """``(frames, latent frames)`` that :meth:`stream` keeps of a clip of ``num_clip_frames`` pixel frames: its
+        last ``1 + t·k`` frames (what the VAE encodes), within :meth:`clip_capacity`."""
+        t = self.vae_scale_factor_temporal
+        latent = (num_clip_frames - 1) // t + 1 if num_clip_frames > 0 else 0
+        capacity = self.clip_capacity(window_frames)
+        if capacity is not None:
+            latent = min(latent, capacity)
+        return (1 + t * (latent - 1) if latent else 0), latent
+
     def prepare_prefix(
         self,
         video: Any,
@@ -543,9 +561,7 @@ class CausalVideoPipeline(DiffusionPipeline):
         if video is not None and video_latents is not None:
             raise ValueError("Give the clip to continue as `video` (frames) or as `video_latents`, not both.")
         chunk, t = self.chunk_frames, self.vae_scale_factor_temporal
-        capacity = None  # latent frames the first generated chunk sees: the window minus the chunk itself
-        if isinstance(window_frames, int) and not isinstance(window_frames, bool) and window_frames > chunk:
-            capacity = window_frames - chunk
+        capacity = self.clip_capacity(window_frames)
         window_note = (
             f"the window ({window_frames} latent frames, counting the {chunk}-frame chunk) shows the first generated "
             f"chunk at most {capacity} latent frames"
@@ -574,14 +590,12 @@ class CausalVideoPipeline(DiffusionPipeline):
 
         pixels = self._video_tensor(video, height, width)
         total = pixels.shape[2]
-        latent = (total - 1) // t + 1
+        keep, latent = self.clip_frames_kept(total, window_frames)
         reasons = []
         if (total - 1) % t:
             reasons.append(f"the VAE encodes 1 + {t}·k frames")
-        if capacity is not None and latent > capacity:
-            latent = capacity
+        if latent < (total - 1) // t + 1:
             reasons.append(window_note)
-        keep = 1 + t * (latent - 1)
         if keep < total:
             logger.warning(
                 f"`video` has {total} frames; continuing from its last {keep} ({latent} latent frames): "

@@ -1,4 +1,5 @@
-"""Write videos to ``.mp4`` (H.264 through imageio-ffmpeg) or ``.gif`` (Pillow), whole or chunk by chunk.
+"""Write videos to ``.mp4`` (H.264 through imageio-ffmpeg) or ``.gif`` (Pillow), whole or chunk by chunk, and read
+them back (:func:`read_video`: any format ffmpeg reads, ``.gif`` with Pillow).
 
 Frames are ``[F, H, W, 3]`` arrays, float in [0, 1] or ``uint8`` (a single ``[H, W, 3]`` frame is accepted too).
 Small videos are enlarged with nearest-neighbour pixels by an integer factor until the shorter side is at least
@@ -10,6 +11,7 @@ edge pixel where needed, because H.264 with ``yuv420p`` needs even sizes.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from pathlib import Path
@@ -17,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MIN_SIZE", "VIDEO_EXTENSIONS", "VideoWriter", "check_video_path", "save_video", "to_uint8_frames"]
+__all__ = [
+    "DEFAULT_MIN_SIZE",
+    "VIDEO_EXTENSIONS",
+    "VideoWriter",
+    "check_video_path",
+    "read_video",
+    "save_video",
+    "to_uint8_frames",
+]
 
 #: File extensions :class:`VideoWriter` can write.
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".gif")
@@ -185,3 +195,45 @@ def save_video(frames: Any, path: str | os.PathLike, fps: float = 16, min_size: 
     with VideoWriter(path, fps=fps, min_size=min_size) as writer:
         writer.append(array)
     return writer.path
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """Read a video file as ``[F, H, W, 3]`` uint8 RGB frames: ``.gif`` with Pillow, anything else with ffmpeg
+    (imageio-ffmpeg, the ``video`` extra). ``max_frames`` keeps only the last frames (a long clip is streamed through,
+    never held whole). ``FileNotFoundError`` for a missing file, ``ValueError`` for one that cannot be read as a video.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such video file: {str(path)!r}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be positive, got {max_frames!r}")
+    frames: collections.deque = collections.deque(maxlen=max_frames)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                for frame in ImageSequence.Iterator(image):
+                    frames.append(np.asarray(frame.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ValueError(f"cannot read video {str(path)!r}: {err}") from err
+    else:
+        try:
+            import imageio_ffmpeg
+        except ImportError as err:
+            raise ImportError(
+                'reading video needs imageio-ffmpeg: pip install "diffusers-raven[video]" (or give a .gif)'
+            ) from err
+        try:
+            reader = imageio_ffmpeg.read_frames(str(path))
+            meta = next(reader)
+            width, height = meta["size"]
+            for data in reader:
+                frames.append(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3))
+        except (OSError, RuntimeError, StopIteration, ValueError, KeyError) as err:
+            lines = str(err).strip().splitlines()  # ffmpeg's reason is its last line, after its banner
+            message = lines[0] + (f" ({lines[-1].strip()})" if len(lines) > 1 else "") if lines else type(err).__name__
+            raise ValueError(f"cannot read video {str(path)!r}: {message}") from err
+    if not frames:
+        raise ValueError(f"cannot read video {str(path)!r}: it has no frames")
+    return np.stack(frames)

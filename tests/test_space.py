@@ -9,6 +9,7 @@ fails, because CI must install it: ``apt-get install -y chromium``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -85,8 +86,24 @@ def client(server, tmp_path):
     return Client(server, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
 
 
-def _generate(client, prompt, length="9", seed=0, second_prompt="", switch_at=21, model="random-tiny", size="32"):
-    return client.submit(prompt, length, seed, second_prompt, switch_at, model, size, api_name="/generate")
+def _generate(client, prompt, length="9", seed=0, second_prompt="", switch_at=21, model="random-tiny", size="32",
+              clip=None):
+    if clip is not None:
+        from gradio_client import handle_file
+
+        clip = handle_file(str(clip))
+    return client.submit(prompt, length, seed, second_prompt, switch_at, model, size, clip, api_name="/generate")
+
+
+def _clip(path: Path, frames: int = 11, size: int = 32) -> Path:
+    """A smooth moving-gradient clip (an .mp4 enlarged to 128×128 by the writer)."""
+    import numpy as np
+
+    from diffusers_raven.utils.video import save_video
+
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    video = np.stack([np.stack([x, y, (x + y + 0.1 * f) % 1.0], axis=-1) for f in range(frames)])
+    return save_video(video.astype(np.float32), path)
 
 
 # ---------------------------------------------------------------------------------------------- gradio_client
@@ -111,15 +128,37 @@ def test_client_receives_streamed_chunks_and_prompt_switch(client, app_module):
     assert outputs[-1][2].startswith("Done: 21 frames at 32×32"), outputs[-1]
 
 
-def test_client_bad_input_is_a_message_and_the_app_keeps_serving(client):
+def test_client_continues_an_uploaded_clip(client, app_module, tmp_path):
+    """An 11-frame clip: its last 9 frames (one chunk) are encoded and played first, then the two chunks a 21-frame
+    length has; the status says which chunk is the clip."""
+    job = _generate(client, "a red circle moving right", length="21", clip=_clip(tmp_path / "clip.mp4"))
+    outputs = list(job)
+    assert job.status().success, job.status()
+    segments = [out for out in outputs if isinstance(out[0], str)]
+    assert len(segments) == 3
+    durations = [float(d) for d in re.findall(r"#EXTINF:([0-9.]+)", Path(segments[-1][0]).read_text())]
+    assert durations == pytest.approx([9 / app_module.FPS, 12 / app_module.FPS, 12 / app_module.FPS], abs=1e-3)
+    assert "frames 0–8 of 33" in segments[0][2] and "the clip" in segments[0][2]
+    assert "frames 9–20 of 33" in segments[1][2] and "'a red circle moving right'" in segments[1][2]
+    assert "continuing the last 9 frames of the clip" in " ".join(out[2] for out in outputs)
+    assert outputs[-1][2].startswith("Done: 33 frames at 32×32"), outputs[-1]
+
+
+def test_client_bad_input_is_a_message_and_the_app_keeps_serving(client, tmp_path):
     from gradio_client.exceptions import AppError
+
+    bad_clip = tmp_path / "broken.mp4"
+    bad_clip.write_text("not a video")
 
     bad = {
         "empty prompt": (dict(prompt="   "), "Please enter a prompt."),
         "unknown model folder": (dict(prompt="a circle", model="./no/such/model"), "not found"),
         "impossible length": (dict(prompt="a circle", length="10"), "Length 10 is not possible"),
+        "unreadable clip": (dict(prompt="a circle", clip="{bad}"), "cannot be read as a video or an image"),
     }
     for case, (kwargs, message) in bad.items():
+        if kwargs.get("clip") == "{bad}":
+            kwargs = {**kwargs, "clip": bad_clip}
         with pytest.raises(AppError) as info:
             _generate(client, **kwargs).result()
         text = str(info.value)
@@ -252,8 +291,9 @@ VIDEO_PLAYS = """(() => {
 })()"""
 
 
-def test_browser_streams_and_plays_video(server, tmp_path):
-    screenshot = DOCS_SCREENSHOT if os.environ.get("RAVEN_UPDATE_SCREENSHOT") == "1" else tmp_path / "space.png"
+@contextlib.contextmanager
+def _browser_page(server: str, tmp_path: Path):
+    """Headless Chromium on the app's page (rendered), as a :class:`DevTools` session; the browser is closed after."""
     _require(Path(CHROMIUM).exists(), f"Chromium ({CHROMIUM}, apt-get install -y chromium)")
     try:
         import websocket  # noqa: F401
@@ -264,7 +304,7 @@ def test_browser_streams_and_plays_video(server, tmp_path):
     page = None
     try:
         page = DevTools(_page_websocket(port))
-        for domain in ("Page", "Runtime", "Network"):
+        for domain in ("Page", "Runtime", "Network", "DOM"):
             page.call(f"{domain}.enable")
         page.call("Emulation.setDeviceMetricsOverride", width=1280, height=860, deviceScaleFactor=1, mobile=False)
         page.call("Page.navigate", url=server)
@@ -273,21 +313,7 @@ def test_browser_streams_and_plays_video(server, tmp_path):
             60,
             "the app to render",
         )
-
-        prompt = "a red circle moving right on a black background"
-        page.evaluate("document.querySelector('#prompt textarea').focus()")
-        page.call("Input.insertText", text=prompt)
-        page.wait_for(f"document.querySelector('#prompt textarea').value === {json.dumps(prompt)}", 10, "the prompt")
-        page.click("#generate")
-
-        page.wait_for(VIDEO_PLAYS, 120, "the streamed video to play")
-        page.wait_for("document.querySelector('#status textarea').value.startsWith('Done')", 120, "the status 'Done'")
-        page.wait_for("document.querySelector('#video video').currentTime > 0", 30, "the video to advance")
-        assert "frames/s" in page.evaluate("document.querySelector('#fps textarea').value")
-
-        shot = page.call("Page.captureScreenshot", format="png")
-        _save_screenshot(base64.b64decode(shot["data"]), screenshot)
-
+        yield page
         urls = [e["params"]["request"]["url"] for e in page.events if e.get("method") == "Network.requestWillBeSent"]
         assert any(url.startswith(server) for url in urls)
         outside = [url for url in urls if not url.startswith((server, "data:", "blob:"))]
@@ -301,4 +327,50 @@ def test_browser_streams_and_plays_video(server, tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _type_prompt(page: DevTools, prompt: str) -> None:
+    page.evaluate("document.querySelector('#prompt textarea').focus()")
+    page.call("Input.insertText", text=prompt)
+    page.wait_for(f"document.querySelector('#prompt textarea').value === {json.dumps(prompt)}", 10, "the prompt")
+
+
+def test_browser_streams_and_plays_video(server, tmp_path):
+    screenshot = DOCS_SCREENSHOT if os.environ.get("RAVEN_UPDATE_SCREENSHOT") == "1" else tmp_path / "space.png"
+    with _browser_page(server, tmp_path) as page:
+        _type_prompt(page, "a red circle moving right on a black background")
+        page.click("#generate")
+
+        page.wait_for(VIDEO_PLAYS, 120, "the streamed video to play")
+        page.wait_for("document.querySelector('#status textarea').value.startsWith('Done')", 120, "the status 'Done'")
+        page.wait_for("document.querySelector('#video video').currentTime > 0", 30, "the video to advance")
+        assert "frames/s" in page.evaluate("document.querySelector('#fps textarea').value")
+
+        shot = page.call("Page.captureScreenshot", format="png")
+        _save_screenshot(base64.b64decode(shot["data"]), screenshot)
     assert screenshot.stat().st_size > 0
+
+
+def test_browser_continues_an_uploaded_clip(server, tmp_path):
+    """The clip is chosen in the page's file input (as a user's file dialog would), then Generate: the stream plays
+    the clip's chunk and the generated ones (21 frames from the model at its 64×64 default size: 9 + 24 = 33), the
+    status names the clip, and the resizing of the clip is shown as a warning."""
+    clip = _clip(tmp_path / "clip.mp4", frames=9, size=64)  # written at 128×128: resized to the model's size
+    with _browser_page(server, tmp_path) as page:
+        _type_prompt(page, "a red circle moving right on a black background")
+        document = page.call("DOM.getDocument", depth=-1, pierce=True)["root"]["nodeId"]
+        node = page.call("DOM.querySelector", nodeId=document, selector="#clip input[type=file]")["nodeId"]
+        assert node, "the clip upload has no file input"
+        page.call("DOM.setFileInputFiles", files=[str(clip)], nodeId=node)
+        page.wait_for("document.querySelector('#clip').innerText.includes('clip.mp4')", 60, "the clip to upload")
+        page.click("#generate")
+
+        page.wait_for(VIDEO_PLAYS, 120, "the streamed video to play")
+        done = "document.querySelector('#status textarea').value.startsWith('Done')"
+        page.wait_for(done, 120, "the status 'Done'")
+        status = page.evaluate("document.querySelector('#status textarea').value")
+        assert status.startswith("Done: 33 frames"), status
+        page.wait_for("document.body.innerText.includes('resized to 64×64')", 30, "the resizing warning")
+        page.wait_for("document.querySelector('#video video').currentTime > 0", 30, "the video to advance")
+        shot = page.call("Page.captureScreenshot", format="png")
+        _save_screenshot(base64.b64decode(shot["data"]), tmp_path / "space_clip.png")

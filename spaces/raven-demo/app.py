@@ -3,7 +3,9 @@
 The video is streamed chunk by chunk while it is generated: every chunk the pipeline decodes is written to its own
 short ``.mp4`` segment and yielded to a ``gr.Video(streaming=True)`` output, which Gradio turns into an HLS stream
 that the browser plays as the segments arrive. A second prompt can take over from a chosen frame
-(``CausalVideoStream.switch_prompt``), and the "endless" length streams until Stop is pressed.
+(``CausalVideoStream.switch_prompt``), and the "endless" length streams until Stop is pressed. An uploaded clip (a
+video or an image) is continued: it is encoded into the model's cache, played back first, and the stream goes on
+from its last frame.
 
 Run locally with ``python spaces/raven-demo/app.py`` (``PORT`` / ``GRADIO_SERVER_PORT`` and ``GRADIO_SERVER_NAME``
 are honoured; the default is http://127.0.0.1:7860).
@@ -27,7 +29,7 @@ import torch
 
 from diffusers_raven import CausalVideoPipeline
 from diffusers_raven.pipelines.presets import DEFAULT_MODEL, bundled_model_available, load_pipeline
-from diffusers_raven.utils.video import VideoWriter
+from diffusers_raven.utils.video import VideoWriter, read_video
 
 logger = logging.getLogger("raven-demo")
 
@@ -140,6 +142,36 @@ def parse_seed(seed: object) -> int:
     return value
 
 
+def read_clip(path: object) -> object:
+    """The uploaded clip to continue as ``[F, H, W, 3]`` uint8 frames (a still image is a one-frame clip)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(str(path)).name
+    try:
+        return read_video(str(path))
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        video_error = err
+    try:
+        with Image.open(str(path)) as image:
+            return np.asarray(image.convert("RGB"))[None]
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"The clip {name!r} cannot be read as a video or an image ({video_error}).") from None
+
+
+class PipelineNotes(logging.Handler):
+    """Collects the pipeline's warnings (a clip resized or cut) raised in this thread, to show them to the user."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(one_line(record.getMessage()))
+
+
 def speed_text(frames: int, seconds: float) -> str:
     if frames <= 0 or seconds <= 0:
         return "—"
@@ -154,8 +186,12 @@ def generate(
     switch_at: float,
     model: str,
     size: str,
+    clip: str | None = None,
 ) -> Iterator[tuple]:
     """Stream a video: yields (segment .mp4 or skip, generation speed, status) once per chunk.
+
+    With an uploaded ``clip`` the stream continues it: its chunks come first (encoded and decoded by the model's VAE),
+    then as many generated chunks as ``length`` has (an endless stream goes on until Stop).
 
     Every failure becomes a one-line ``gr.Error`` (the traceback of unexpected ones goes to the server log only), so
     a bad request never takes the app down for other users.
@@ -176,6 +212,17 @@ def generate(
         pipe = loaded.pipe
         num_frames = parse_length(length, pipe)
         height, width = parse_size(size, pipe)
+        endless = num_frames is None
+        window = {}
+        if endless:  # a bounded attention window keeps memory flat (docs/streaming.md): 4 chunks, the first as sinks
+            window = {"window_frames": 4 * pipe.chunk_frames, "sink_frames": pipe.chunk_frames}
+        frames_in = None
+        if clip:
+            frames_in = read_clip(clip)
+            kept, clip_latent = pipe.clip_frames_kept(len(frames_in), window.get("window_frames"))
+            if num_frames is not None:  # the length's chunks, after the clip: the whole video is longer
+                chunks = pipe.latent_frames_for(num_frames) // pipe.chunk_frames
+                num_frames = 1 + pipe.vae_scale_factor_temporal * (clip_latent + chunks * pipe.chunk_frames - 1)
         switch_frame = None
         if second_prompt:
             try:
@@ -189,20 +236,25 @@ def generate(
                     f"The video has {num_frames} frames, so the second prompt (from frame {switch_frame}) is not used."
                 )
                 switch_frame = None
-
-        endless = num_frames is None
-        window = {}
-        if endless:  # a bounded attention window keeps memory flat (docs/streaming.md): 4 chunks, the first as sinks
-            window = {"window_frames": 4 * pipe.chunk_frames, "sink_frames": pipe.chunk_frames}
         generator = torch.Generator(device="cpu").manual_seed(seed_value)
         workdir = Path(tempfile.mkdtemp(prefix="raven-space-"))
         what = f"an endless stream at {height}×{width}" if endless else f"{num_frames} frames at {height}×{width}"
+        if frames_in is not None:
+            what += f", continuing the last {kept} frames of the clip"
 
         start = time.perf_counter()
-        with loaded.lock:
-            stream = pipe.stream(
-                prompt, height=height, width=width, num_frames=num_frames, generator=generator, **window
-            )
+        notes = PipelineNotes()
+        logging.getLogger("diffusers_raven").addHandler(notes)
+        try:
+            with loaded.lock:
+                stream = pipe.stream(
+                    prompt, height=height, width=width, num_frames=num_frames, generator=generator, video=frames_in,
+                    **window,
+                )
+        finally:
+            logging.getLogger("diffusers_raven").removeHandler(notes)
+        for message in notes.messages:
+            gr.Warning(message)
         done = 0
         switched = False
         yield gr.skip(), "—", f"Generating {what} with the {loaded.description} …"
@@ -220,7 +272,7 @@ def generate(
             label = second_prompt if chunk.prompt_index else prompt
             status = f"Chunk {chunk.chunk_index + 1}: frames {chunk.frame_start}–{done - 1}"
             status += f" of {num_frames}" if num_frames else " (endless, press Stop)"
-            status += f" · prompt: {label!r}"
+            status += " · the clip (encoded and decoded)" if chunk.is_prefix else f" · prompt: {label!r}"
             if switch_frame is not None and not switched and done >= switch_frame:
                 with loaded.lock:
                     stream.switch_prompt(second_prompt)
@@ -286,7 +338,7 @@ def build_demo(
                         choices=[*LENGTH_CHOICES, (f"{ENDLESS} (until Stop)", ENDLESS)],
                         value=default_length,
                         label="Length (output frames)",
-                        info="1 + 4·(3n − 1) frames for 3-frame chunks",
+                        info="1 + 4·(3n − 1) frames for 3-frame chunks; with a clip, its chunks are added to the clip",
                         allow_custom_value=True,
                         elem_id="length",
                     )
@@ -296,6 +348,12 @@ def build_demo(
                         label="Second prompt (optional)", placeholder="a blue square moving left", elem_id="prompt2"
                     )
                     switch_at = gr.Number(label="Switch at frame", value=21, precision=0, minimum=1, elem_id="switch")
+                clip = gr.File(
+                    label="Clip to continue (optional: a video or an image)",
+                    file_types=[".mp4", ".gif", ".webm", ".mov", ".png", ".jpg", ".jpeg"],
+                    type="filepath",
+                    elem_id="clip",
+                )
                 with gr.Accordion("Model and size", open=False):
                     model = gr.Textbox(
                         label="Model",
@@ -318,7 +376,7 @@ def build_demo(
         event = gr.on(
             triggers=[run.click, prompt.submit],
             fn=generate,
-            inputs=[prompt, length, seed, second_prompt, switch_at, model, size],
+            inputs=[prompt, length, seed, second_prompt, switch_at, model, size, clip],
             outputs=[video, fps, status],
             api_name="generate",
             concurrency_limit=CONCURRENCY,

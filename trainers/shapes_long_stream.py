@@ -46,9 +46,11 @@ PSNR (against a re-render of the detected scene) and consistency; plus, against 
   objects by colour then shape): fidelity to the caption's appearance wherever the model put the objects.
 
 Onsets (``onsets``, per prompt and for the mean over prompts): the first frame where the centred running mean over
-``--smooth`` chunks crosses a threshold: ``background`` (background accuracy below 0.5), ``background_fraction``
-(below 0.5 of the frame), ``swelling`` (object area ratio above 2), ``semantic`` (0.15 below the level of the first
-21 frames, the training length); None when it never does.
+``--smooth`` chunks crosses a threshold: ``background`` (the evaluator's background accuracy below 0.5; it names the
+nearest of the four backgrounds, so a green background still reads as gray), ``background_colour`` (background
+distance above 0.2), ``background_fraction`` (below 0.5 of the frame), ``swelling`` (object area ratio above 2),
+``growth`` (object area ratio 1.5 times its level in the first 21 frames, the training length), ``semantic`` (0.15
+below its level in the first 21 frames); None when it never does.
 
 Writes ``--output`` (JSON: per model, per prompt, per chunk, columnar), ``--plot`` (per-chunk scores against frame
 index, running means; one colour per model: solid the mean over the captioned prompts, dashed the example, dotted the
@@ -124,10 +126,13 @@ _NAMES = list(COLORS) + [f"{b} (background)" for b in BACKGROUNDS]
 _NAME_RGB = np.asarray(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.float32) / 255.0
 
 TRAINING_FRAMES = 21
-ONSET_RULES = {  # metric, direction, threshold (relative to the first 21 frames when "drop")
+ONSET_RULES = {  # metric, kind, value: "below"/"above" a threshold, "drop" by / "grow" by a factor over the level
+    # of the first 21 frames (the training length)
     "background": ("background_accuracy", "below", 0.5),
+    "background_colour": ("background_distance", "above", FG_THRESHOLD),
     "background_fraction": ("background_fraction", "below", 0.5),
     "swelling": ("object_area_ratio", "above", 2.0),
+    "growth": ("object_area_ratio", "grow", 1.5),
     "semantic": ("semantic_accuracy", "drop", 0.15),
 }
 
@@ -324,13 +329,13 @@ def onsets(cols: dict[str, list], smooth: int) -> dict[str, Any]:
     early = [k for k, end in enumerate(cols["end"]) if end <= TRAINING_FRAMES] or [0]
     for name, (key, kind, value) in ONSET_RULES.items():
         curve = running_mean(cols[key], smooth)
-        if kind == "drop":
+        if kind in ("drop", "grow"):
             base = [cols[key][k] for k in early if cols[key][k] is not None]
             if not base:
-                out[name] = {"frame": None, "threshold": None}
+                out[name] = {"frame": None, "threshold": None, "metric": key}
                 continue
-            threshold = float(np.mean(base)) - value
-            hit = curve < threshold
+            threshold = float(np.mean(base)) - value if kind == "drop" else float(np.mean(base)) * value
+            hit = curve < threshold if kind == "drop" else curve > threshold
         else:
             threshold = value
             hit = curve < value if kind == "below" else curve > value

@@ -326,3 +326,46 @@ def test_bad_clip_input(pipe, kwargs, match):
     kwargs = {"prompt": "a red circle", "num_frames": 21, "output_type": "latent", **SIZE, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the bundled model
+
+
+def test_pixel_continuation_with_the_bundled_model_differs_by_the_vae_round_trip(capsys):
+    """With the bundled model (a trained VAE), a 21-frame clip of its own continued from its decoded pixels: the clip
+    comes back through the VAE (encode, decode) and the later chunks differ from the uninterrupted stream's about as
+    much (PSNR above 28 dB; measured over six prompts by ``benchmarks/continue_clip.py``: 33.3 dB for the clip, 33.7
+    and 35.5 dB for the next two chunks). From the clip's latents the later chunks are the uninterrupted ones."""
+    from diffusers_raven.pipelines.presets import bundled_model_available, load_pipeline
+
+    if not bundled_model_available():
+        pytest.skip("the bundled model is not installed")
+    model, _ = load_pipeline("bundled")
+    model.set_progress_bar_config(disable=True)
+    prompt = "a yellow circle moving down on a gray background"
+    noise = torch.randn(1, 16, 12, 8, 8, generator=gen(103))
+    generator = gen(3)
+    chunks, state = [], None
+    for chunk in model.stream(prompt, num_frames=45, latents=noise, generator=generator, output_type="np"):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            state = generator.get_state()
+    video = np.concatenate([c.frames[0] for c in chunks])
+    latents = torch.cat([c.latents for c in chunks], dim=2)
+
+    def continued(**clip):
+        g = torch.Generator()
+        g.set_state(state)
+        return model(prompt, num_frames=45, latents=noise, generator=g, **clip).frames[0]
+
+    assert torch.equal(continued(video_latents=latents[:, :, :6], output_type="latent"), latents[0])
+    from_pixels = continued(video=video[:21])
+
+    def psnr(a, b):
+        return float(10 * np.log10(1 / np.mean((a - b) ** 2)))
+
+    clip, chunk3, chunk4 = (psnr(from_pixels[a:b], video[a:b]) for a, b in ((0, 21), (21, 33), (33, 45)))
+    with capsys.disabled():
+        print(f"\ncontinued from pixels, PSNR to the uninterrupted stream: clip {clip:.1f} dB (the VAE round trip), "
+              f"chunk 3 {chunk3:.1f} dB, chunk 4 {chunk4:.1f} dB")
+    assert min(clip, chunk3, chunk4) > 28

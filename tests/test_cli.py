@@ -349,6 +349,28 @@ def test_video_errors(tmp_path):
     writer.close()
 
 
+def test_read_video_round_trip_and_errors(tmp_path):
+    """``read_video`` reads back what ``save_video`` wrote (mp4 within H.264 error, GIF exactly), keeps the last
+    ``max_frames``, and turns missing or unreadable files into clear errors."""
+    from diffusers_raven.utils.video import read_video
+
+    ramp = np.linspace(0.1, 0.9, 13, dtype=np.float32)[:, None, None, None] * np.ones((13, 16, 16, 3), np.float32)
+    expected = (ramp * 255).round().astype(np.uint8)
+    mp4 = read_video(save_video(ramp, tmp_path / "ramp.mp4", min_size=0))
+    assert mp4.shape == (13, 16, 16, 3) and mp4.dtype == np.uint8
+    assert np.abs(mp4.astype(int) - expected).max() <= 3
+    gif = read_video(save_video(ramp, tmp_path / "ramp.gif", min_size=0))
+    assert np.array_equal(gif, expected)
+    assert np.array_equal(read_video(tmp_path / "ramp.gif", max_frames=4), expected[-4:])
+    assert np.array_equal(read_video(tmp_path / "ramp.mp4", max_frames=4), mp4[-4:])
+    with pytest.raises(FileNotFoundError, match="no such video file"):
+        read_video(tmp_path / "missing.mp4")
+    for name in ("broken.mp4", "broken.gif"):
+        (tmp_path / name).write_text("not a video")
+        with pytest.raises(ValueError, match="cannot read video"):
+            read_video(tmp_path / name)
+
+
 # ---------------------------------------------------------------------- eval
 def test_eval_writes_shapesworld_metrics(tmp_path, capsys):
     import json

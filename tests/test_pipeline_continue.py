@@ -210,10 +210,11 @@ def test_continuing_from_pixels_encodes_chunk_by_chunk(pipe, video):
     assert (out.frames - (decoded.permute(0, 2, 1, 3, 4) + 1) / 2).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("form", ["pil", "uint8", "float array", "tensor [F, 3, H, W]", "batch tensor"])
+@pytest.mark.parametrize("form", ["pil", "uint8", "float array", "tensor [F, 3, H, W]", "batch tensor",
+                                  "list of arrays", "list of clips"])
 def test_video_forms_give_the_same_clip(pipe, form):
     """The forms diffusers' video pipelines accept (PIL images, arrays [F, H, W, 3] uint8 or float in [0, 1], tensors
-    [F, 3, H, W] or [B, F, 3, H, W]) encode to the same clip as the float array."""
+    [F, 3, H, W] or [B, F, 3, H, W], lists of frames or of clips) encode to the same clip as the float array."""
     rng = np.random.default_rng(0)
     uint8 = rng.integers(0, 256, size=(9, 32, 32, 3), dtype=np.uint8)
     as_float = uint8.astype(np.float32) / 255
@@ -223,6 +224,8 @@ def test_video_forms_give_the_same_clip(pipe, form):
         "float array": as_float,
         "tensor [F, 3, H, W]": torch.from_numpy(as_float).permute(0, 3, 1, 2),
         "batch tensor": torch.from_numpy(as_float).permute(0, 3, 1, 2)[None],
+        "list of arrays": list(uint8),
+        "list of clips": [as_float],
     }[form]
     kwargs = dict(num_frames=21, output_type="latent", return_trajectory=True, **SIZE)  # the clip is not random
     ref = pipe("a red circle", video=as_float, **kwargs).trajectory[0].clean

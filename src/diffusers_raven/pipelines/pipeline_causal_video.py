@@ -625,8 +625,11 @@ class CausalVideoPipeline(DiffusionPipeline):
                     frame.convert("RGB") for frame in video
                 ]
                 return self._resized(rgb, size, height, width)
-            if all(isinstance(frame, (np.ndarray, torch.Tensor)) and frame.ndim == 3 for frame in items) and not nested:
-                video = np.stack(video) if isinstance(items[0], np.ndarray) else torch.stack(list(video))
+            arrays = all(isinstance(x, (np.ndarray, torch.Tensor)) for x in items) and len({x.ndim for x in items}) == 1
+            if arrays and not nested and items[0].ndim in (3, 4):  # a list of frames, or a batch of [F, ...] clips
+                if any(tuple(x.shape) != tuple(items[0].shape) for x in items):
+                    raise ValueError("The frames (or clips) of `video` do not all have the same shape.")
+                video = np.stack(items) if isinstance(items[0], np.ndarray) else torch.stack(items)
             else:
                 raise ValueError(f"`video` must be {forms}; got a list of {type(items[0]).__name__}.")
         if isinstance(video, np.ndarray):

@@ -352,6 +352,7 @@ def build_demo(
                     label="Clip to continue (optional: a video or an image)",
                     file_types=[".mp4", ".gif", ".webm", ".mov", ".png", ".jpg", ".jpeg"],
                     type="filepath",
+                    height=140,
                     elem_id="clip",
                 )
                 with gr.Accordion("Model and size", open=False):

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = metric_names(next(iter(runs.values()))[0])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    summary = {"command": "python trainers/shapes_rl_plot.py " + " ".join(argv or []), "runs": {}}
+    summary = {"command": "python trainers/shapes_rl_plot.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": {}}
     for label, (curve, results) in runs.items():
         summary["runs"][label] = {"steps": results.get("steps"), "train_seconds": results.get("train_seconds"),
                                   "sampler": results.get("config", {}).get("sampler"), "metrics": {}}

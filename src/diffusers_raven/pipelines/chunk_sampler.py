@@ -18,6 +18,9 @@ non-final step, then the context noise (only when ``context_noise > 0`` and the 
 
 A video may also start from given frames (a clip to continue): :meth:`ChunkSampler.prefill` writes a given chunk's
 context with the same rule (its clean latents noised to ``context_noise``, one context pass), without sampling it.
+
+An ``interrupt`` hook (diffusers' ``pipe._interrupt``) is asked before every step: once it answers True, the chunk's
+remaining steps are skipped (its latents stay as they stand, as ``WanPipeline`` leaves them) and the video ends there.
 """
 
 from __future__ import annotations
@@ -118,7 +121,10 @@ class CacheDenoiser:
         ).sample
         if not self.do_classifier_free_guidance:
             return velocity
-        uncond, cond = velocity.chunk(2)
+        return self.guide(*velocity.chunk(2))
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of the two branches' velocities."""
         return uncond + self.guidance_scale * (cond - uncond)
 
 
@@ -163,12 +169,15 @@ class ChunkSampler:
         grad: bool = False,
         record: bool = False,
         callback: StepCallback | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> ChunkTrajectory:
         """Run steps ``start_step … exit_step`` (default: all) on ``latents = x_{σ_start}``.
 
         The exit step is deterministic (it returns its ``x̂0``). With ``grad=True`` the exit step runs with gradients
         enabled and the steps before it without (Self Forcing); otherwise gradients follow the caller's mode.
         ``callback(step, timestep, next_latents)`` may return replacement latents (diffusers' step-end callback).
+        ``interrupt()`` is asked before every step; True skips the steps left (``clean`` is then the latents as they
+        stand: the last step's output, or ``latents`` if no step ran).
         """
         last = self.num_steps - 1 if exit_step is None else exit_step
         if not 0 <= start_step <= last < self.num_steps:
@@ -178,6 +187,8 @@ class ChunkSampler:
         x = latents
         noisy, pred, transitions = [], [], []
         for k in range(start_step, last + 1):
+            if interrupt is not None and interrupt():
+                break
             sigma = self.sigmas[k]
             sigma_next = self.sigmas[k + 1] if k < last else 0.0
             t = self.timestep(sigma)
@@ -252,6 +263,7 @@ class ChunkSampler:
         grad: bool = False,
         record: bool = False,
         callback: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
         first_frame: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -267,6 +279,8 @@ class ChunkSampler:
                 forcing: the data is the history).
             start_step, exit_step, grad, record: as in :meth:`denoise`.
             callback: ``callback(chunk_index, step, timestep, next_latents)``, may return replacement latents.
+            interrupt: asked before every step; once True, the chunk in progress is yielded as it stands (no context
+                pass) and no chunk follows.
             first_frame: latent frame of the first chunk (a stream resumed after earlier chunks).
 
         The generator is not advanced between chunks by anything but the sampler itself, so the caller may act on
@@ -282,7 +296,12 @@ class ChunkSampler:
                 x = randn_tensor((batch, channels, frames, height, width), generator=generator, device=device,
                                  dtype=dtype)
             step_callback = None if callback is None else (lambda k, t, y, i=index: callback(i, k, t, y))
-            result = self.denoise(denoiser, x, frame, generator, start_step, exit_step, grad, record, step_callback)
+            result = self.denoise(
+                denoiser, x, frame, generator, start_step, exit_step, grad, record, step_callback, interrupt
+            )
+            if interrupt is not None and interrupt():  # nothing follows an interrupted chunk: no context pass
+                yield result
+                return
             # The last chunk of a finite video has no reader: its context pass (and context noise) is skipped.
             if num_latent_frames is None or frame + frames < num_latent_frames:
                 written = result.clean if history is None else history[:, :, frame : frame + frames]

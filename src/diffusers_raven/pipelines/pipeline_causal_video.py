@@ -13,6 +13,13 @@ with, METHOD §2) and decoding with the streaming VAE decoder, whose causal-conv
 Both can continue a given clip (``video=`` frames or ``video_latents=``): its chunks are encoded with the streaming VAE
 encoder and written to the cache by context passes (``ChunkSampler.prefill``, the same context-noise rule), then
 generation goes on after them. A clip whose latent length is not a whole number of chunks starts with a shorter chunk.
+
+The pipeline follows ``diffusers.WanPipeline``'s conventions: its ``__call__`` arguments (``num_videos_per_prompt``,
+``guidance_scale_2`` refused as Wan refuses it without a second transformer), the ``guidance_scale``,
+``do_classifier_free_guidance``, ``num_timesteps``, ``current_timestep``, ``attention_kwargs`` and ``interrupt``
+properties, and step-end callbacks that may change ``_guidance_scale``, set ``_interrupt`` or return new
+``latents`` / ``prompt_embeds`` / ``negative_prompt_embeds``. A step here is one step of one chunk: ``num_timesteps``
+counts the steps of every generated chunk, the number of callback calls.
 """
 
 from __future__ import annotations
@@ -65,16 +72,32 @@ _STREAM_ARGUMENTS_DOC = r"""            prompt (`str` or `list[str]`): the promp
                 chunk·n − 1)`` for a clip of ``P`` latent frames.
             num_inference_steps (`int`, *optional*): steps per chunk (default: the scheduler's 4-step schedule).
             sigmas (`list[float]`, *optional*): explicit sigmas per chunk (overrides ``num_inference_steps``).
-            guidance_scale (`float`): classifier-free guidance; 1 (distilled models) runs a single branch.
-            generator (`torch.Generator`, *optional*): for reproducible noise.
-            latents (`torch.Tensor`, *optional*): the initial noise of every chunk, ``[B, C, F_latent, h, w]``.
+            guidance_scale (`float`): classifier-free guidance; 1 (distilled models) runs a single branch. A step-end
+                callback may change ``pipe._guidance_scale`` for the steps after it (at most 1 turns guidance off; it
+                cannot turn on guidance a stream started without).
+            guidance_scale_2 (`float`, *optional*): ``WanPipeline``'s guidance of a second, low-noise transformer (Wan
+                2.2); this pipeline has one transformer, so it must stay ``None`` (as ``WanPipeline`` requires without
+                ``boundary_ratio``).
+            num_videos_per_prompt (`int`): videos per prompt; the batch is ``len(prompt) · num_videos_per_prompt``,
+                each prompt's videos next to each other (as ``WanPipeline`` orders them).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): for reproducible noise; a list has one
+                generator per video (``len(prompt) · num_videos_per_prompt``), and a video made in a batch is then the
+                video made alone with its generator.
+            latents (`torch.Tensor`, *optional*): the initial noise of every chunk, ``[B, C, F_latent, h, w]`` (``B``
+                counting ``num_videos_per_prompt``).
             prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text-encoder states (with
                 ``switch_frames``, ``prompt_embeds`` is a list, one tensor per segment); the negative ones, as
                 ``negative_prompt``, only with guidance and for every prompt.
             output_type (`str`): ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``.
-            callback_on_step_end (`Callable`, *optional*): called after every step as
-                ``callback(pipe, step, timestep, callback_kwargs)``; may return a modified ``latents``.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in ``callback_kwargs``.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called after
+                every step of every chunk as ``callback(pipe, step, timestep, callback_kwargs)``, ``step`` counted over
+                the whole video (``chunk · steps + k``, up to ``pipe.num_timesteps``); the dict it returns may replace
+                ``latents`` (the chunk's) and ``prompt_embeds`` / ``negative_prompt_embeds`` (used from the next pass
+                on; the history already in the cache stays). It may also set ``pipe._guidance_scale`` and
+                ``pipe._interrupt``: an interrupt skips the chunk's remaining steps (its latents are decoded as they
+                stand, as ``WanPipeline`` does) and ends the video after that chunk.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in ``callback_kwargs``, among
+                ``_callback_tensor_inputs`` (default ``["latents"]``).
             max_sequence_length (`int`, *optional*): padded text tokens; default: the tokenizer's ``model_max_length``
                 when at most 512 (what the bundled model was trained with), else 512.
             attention_kwargs (`dict`, *optional*): passed to the transformer (e.g. LoRA ``scale``).
@@ -169,16 +192,22 @@ class _Prefix:
     def batch_size(self) -> int:
         return (self.pixels if self.pixels is not None else self.latents).shape[0]
 
-    def expand(self, batch_size: int) -> _Prefix:
-        """The clip for a batch of ``batch_size`` prompts: one clip serves them all, else one clip per prompt."""
+    def expand(self, batch_size: int, num_videos_per_prompt: int = 1) -> _Prefix:
+        """The clip for a batch of ``batch_size`` videos (prompts × ``num_videos_per_prompt``): one clip serves them
+        all, one clip per prompt serves that prompt's videos, or one clip per video."""
         if self.batch_size == batch_size:
             return self
-        if self.batch_size != 1:
+        tensors = (self.pixels, self.latents)
+        if self.batch_size == 1:
+            pixels, latents = (None if x is None else x.expand(batch_size, *x.shape[1:]) for x in tensors)
+        elif self.batch_size * num_videos_per_prompt == batch_size:
+            pixels, latents = (None if x is None else x.repeat_interleave(num_videos_per_prompt, 0) for x in tensors)
+        else:
+            per_video = f" or one per video ({batch_size})" if num_videos_per_prompt > 1 else ""
             raise ValueError(
-                f"The clip to continue (`video` / `video_latents`) has batch {self.batch_size}; give one clip or one "
-                f"per prompt ({batch_size})."
+                f"The clip to continue (`video` / `video_latents`) has batch {self.batch_size}; give one clip, one per "
+                f"prompt ({batch_size // num_videos_per_prompt}){per_video}."
             )
-        pixels, latents = (None if x is None else x.expand(batch_size, *x.shape[1:]) for x in (self.pixels, self.latents))
         return _Prefix(pixels, latents, self.num_latent_frames)
 
 
@@ -211,6 +240,65 @@ class _StreamState:
     return_prefix: bool = True
 
 
+@dataclass
+class _RunState:
+    """The values behind the pipeline's diffusers properties (``guidance_scale``, ``interrupt``, …) for one stream.
+
+    The pipeline's attributes (``_guidance_scale``, ``_interrupt``, …) are what callbacks read and write, as in
+    diffusers. A stream is lazy, so two streams of one pipeline may alternate: each stream keeps its own values here,
+    puts them back on the pipeline when it resumes after another stream ran (:meth:`enter`), and takes back what
+    callbacks or other threads wrote when it pauses (:meth:`leave`).
+    """
+
+    guidance_scale: float
+    attention_kwargs: dict[str, Any] | None
+    num_timesteps: int | None
+    interrupt: bool = False
+    current_timestep: torch.Tensor | None = None
+
+    _ATTRIBUTES = ("guidance_scale", "attention_kwargs", "num_timesteps", "interrupt", "current_timestep")
+
+    def enter(self, pipeline: CausalVideoPipeline) -> None:
+        if getattr(pipeline, "_active_run", None) is not self:
+            for name in self._ATTRIBUTES:
+                setattr(pipeline, f"_{name}", getattr(self, name))
+            pipeline._active_run = self
+
+    def leave(self, pipeline: CausalVideoPipeline) -> None:
+        for name in self._ATTRIBUTES:
+            setattr(self, name, getattr(pipeline, f"_{name}"))
+
+
+class _PipelineDenoiser(CacheDenoiser):
+    """The stream's :class:`CacheDenoiser`, reading the pipeline's ``_guidance_scale`` at every pass (so a callback
+    can change it) and setting its ``_current_timestep`` to the timestep of the pass in progress.
+
+    A scale of at most 1 is no guidance, as ``WanPipeline.do_classifier_free_guidance`` has it: the velocity is the
+    positive branch alone. The cache keeps both branches (their history stays written), so guidance can come back.
+    """
+
+    def __init__(self, pipeline: CausalVideoPipeline, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
+
+    def __call__(
+        self, latents: torch.Tensor, timestep: float, frame_offset: int, update_cache: bool = False
+    ) -> torch.Tensor:
+        pipe = self.pipeline
+        pipe._current_timestep = torch.tensor(float(timestep))
+        scale = float(pipe._guidance_scale)
+        if scale > 1.0 and not self.do_classifier_free_guidance:
+            raise ValueError(
+                f"`_guidance_scale` was set to {scale} during a stream started without guidance (guidance_scale <= 1): "
+                "a callback can change the scale or turn guidance off, not turn it on (start with guidance_scale > 1)."
+            )
+        self.guidance_scale = scale
+        return super().__call__(latents, timestep, frame_offset, update_cache)
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return cond if self.guidance_scale <= 1.0 else super().guide(uncond, cond)
+
+
 class CausalVideoStream:
     """An iterator over the chunks of a stream, with a handle to switch prompt mid-stream.
 
@@ -224,17 +312,25 @@ class CausalVideoStream:
         chunks: Iterator[CausalVideoChunk],
         state: _StreamState,
         encode_prompt: _PromptEncoder,
+        pipeline: CausalVideoPipeline,
+        run: _RunState,
     ) -> None:
         self._chunks = chunks
         self._state = state
         self._encode_prompt = encode_prompt
+        self._pipeline = pipeline
+        self._run = run
 
     def __iter__(self) -> CausalVideoStream:
         return self
 
     def __next__(self) -> CausalVideoChunk:
-        with torch.no_grad():  # inference only, without changing the caller's grad mode between chunks
-            return next(self._chunks)
+        self._run.enter(self._pipeline)  # the pipeline's properties are this stream's while it makes a chunk
+        try:
+            with torch.no_grad():  # inference only, without changing the caller's grad mode between chunks
+                return next(self._chunks)
+        finally:
+            self._run.leave(self._pipeline)
 
     @property
     def cache(self) -> KVCache:
@@ -271,7 +367,7 @@ class CausalVideoPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
@@ -331,6 +427,35 @@ class CausalVideoPipeline(DiffusionPipeline):
         """Latent frames of a video of ``num_frames`` output frames."""
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
 
+    # ------------------------------------------------------------------ diffusers' run properties
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Denoising steps of the video: steps per chunk × generated chunks, the number of step-end callback calls
+        (``None`` for an endless stream)."""
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """Timestep of the transformer pass in progress (a step's, or ``context_noise`` during a context pass);
+        ``None`` once the video is done."""
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        return self._attention_kwargs
+
     # ------------------------------------------------------------------ text
     def default_max_sequence_length(self, max_sequence_length: int | None = None) -> int:
         """``max_sequence_length`` itself, or for ``None`` the tokenizer's ``model_max_length`` if at most 512, else
@@ -347,13 +472,15 @@ class CausalVideoPipeline(DiffusionPipeline):
         prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None = None,
         do_classifier_free_guidance: bool = False,
+        num_videos_per_prompt: int = 1,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder states of the prompt (and of the negative prompt when guidance is on).
+        """Text-encoder states of the prompt (and of the negative prompt when guidance is on), each row repeated
+        ``num_videos_per_prompt`` times in place (``WanPipeline``'s order; given embeds are repeated too).
 
         ``max_sequence_length=None`` takes the tokenizer's ``model_max_length`` when it is at most 512 (a tokenizer
         saved for a model trained on shorter texts, as the bundled ShapesWorld one with 18), else Wan's 512.
@@ -372,6 +499,10 @@ class CausalVideoPipeline(DiffusionPipeline):
             negative_prompt_embeds = encode_prompts(
                 self.tokenizer, self.text_encoder, negative_prompt, max_sequence_length, device, dtype
             )
+        if num_videos_per_prompt != 1:
+            prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
 
     def _encode_stream_prompt(
@@ -382,9 +513,10 @@ class CausalVideoPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None,
         guidance_scale: float,
         max_sequence_length: int | None,
+        num_videos_per_prompt: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One prompt of a stream (the first, a scheduled one, or a ``switch_prompt``) in the transformer's dtype; the
-        negative embeds only when guidance is on."""
+        """One prompt of a stream (the first, a scheduled one, or a ``switch_prompt``) in the transformer's dtype,
+        ``num_videos_per_prompt`` rows per prompt; the negative embeds only when guidance is on."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("Give `prompt` or `prompt_embeds`.")
         if isinstance(prompt, str) and not prompt.strip():
@@ -395,6 +527,7 @@ class CausalVideoPipeline(DiffusionPipeline):
                 prompt,
                 negative_prompt,
                 do_classifier_free_guidance,
+                num_videos_per_prompt,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
                 max_sequence_length=max_sequence_length,
@@ -447,9 +580,21 @@ class CausalVideoPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None,
         context_noise: float,
         prefix_latent_frames: int = 0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        guidance_scale_2: float | None = None,
     ) -> None:
         """Turn every bad argument into one clear ``ValueError``. ``prefix_latent_frames``: the latent length of a clip
         being continued (``num_frames`` then counts the whole video, clip included)."""
+        if guidance_scale_2 is not None:
+            raise ValueError(
+                "`guidance_scale_2` is the guidance of Wan 2.2's second (low-noise) transformer; this pipeline has one "
+                "transformer (as WanPipeline without `boundary_ratio`): leave it None and set `guidance_scale`."
+            )
+        if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) or (
+            num_videos_per_prompt < 1
+        ):
+            raise ValueError(f"`num_videos_per_prompt` must be a positive integer, got {num_videos_per_prompt!r}.")
         factor = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(
@@ -513,10 +658,15 @@ class CausalVideoPipeline(DiffusionPipeline):
             for p in [prompt] if isinstance(prompt, str) else (prompt or []):
                 if not isinstance(p, str) or not p.strip():
                     raise ValueError(f"`prompt` must be non-empty text, got {p!r}.")
+        first = prompt_embeds if prompt_embeds is not None else prompt  # the embeds win, as in `encode_prompt`
+        first = first[0] if switch_frames is not None else first  # a schedule: its first segment
+        batch = (1 if isinstance(first, str) else len(first)) * num_videos_per_prompt
+        if isinstance(generator, (list, tuple)) and len(generator) not in (1, batch):
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators for a batch of {batch} videos (prompts × "
+                "`num_videos_per_prompt`): give one generator, or one per video."
+            )
         if latents is not None:
-            first = prompt_embeds if prompt_embeds is not None else prompt  # the embeds win, as in `encode_prompt`
-            first = first[0] if switch_frames is not None else first  # a schedule: its first segment
-            batch = 1 if isinstance(first, str) else len(first)
             h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
             frames = None if num_frames is None else self.latent_frames_for(num_frames)
             expected = (batch, self.transformer.config.in_channels, frames, h, w)
@@ -690,8 +840,9 @@ class CausalVideoPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
     ) -> Callable[[int, int, float, torch.Tensor], torch.Tensor]:
         """The sampler's per-step hook: advance the progress bar and call ``callback_on_step_end`` (diffusers'
-        signature, with the step counted over the whole stream and the step's entry of ``scheduler.timesteps``),
-        whose ``latents`` replace the step's output."""
+        signature, with the step counted over the whole stream and the step's entry of ``scheduler.timesteps``).
+        Returned ``latents`` replace the step's output; returned ``prompt_embeds`` / ``negative_prompt_embeds`` serve
+        the passes after it (the cached text keys and values are dropped)."""
         timesteps = self.scheduler.timesteps
         num_steps = len(timesteps)
 
@@ -699,13 +850,30 @@ class CausalVideoPipeline(DiffusionPipeline):
             progress.update()
             if callback_on_step_end is None:
                 return latents
-            tensors = {"latents": latents, "prompt_embeds": denoiser.prompt_embeds}
+            tensors = {
+                "latents": latents,
+                "prompt_embeds": denoiser.prompt_embeds,
+                "negative_prompt_embeds": denoiser.negative_prompt_embeds,
+            }
             outputs = callback_on_step_end(
                 self,
                 chunk_index * num_steps + step,
                 timesteps[step],
                 {name: tensors[name] for name in callback_on_step_end_tensor_inputs},
             )
+            outputs = dict(outputs or {})
+            for name in ("prompt_embeds", "negative_prompt_embeds"):
+                new = outputs.pop(name, tensors[name])
+                if new is tensors[name]:
+                    continue
+                if tensors[name] is None or new is None or new.shape != tensors[name].shape:
+                    shape = None if tensors[name] is None else list(tensors[name].shape)
+                    raise ValueError(
+                        f"`callback_on_step_end` returned `{name}` of shape "
+                        f"{None if new is None else list(new.shape)}; it must keep the stream's shape {shape}."
+                    )
+                setattr(denoiser, name, new.to(tensors[name].device, tensors[name].dtype))
+                denoiser.kv_cache.reset_text()
             return outputs.pop("latents", latents)
 
         return step_end
@@ -715,8 +883,12 @@ class CausalVideoPipeline(DiffusionPipeline):
         endless stream."""
         if num_latent_frames is None:
             return tqdm(total=None, **getattr(self, "_progress_bar_config", {}))
-        num_chunks = -(-(num_latent_frames - prefix_frames) // self.chunk_frames)
+        num_chunks = self._num_generated_chunks(num_latent_frames, prefix_frames)
         return self.progress_bar(total=len(self.scheduler.timesteps) * num_chunks)
+
+    def _num_generated_chunks(self, num_latent_frames: int, prefix_frames: int = 0) -> int:
+        """Chunks sampled for a video of ``num_latent_frames`` after a clip of ``prefix_frames`` (not counted)."""
+        return -(-(num_latent_frames - prefix_frames) // self.chunk_frames)
 
     # ------------------------------------------------------------------ the chunk loop
     def _switch_prompt_if_due(
@@ -814,6 +986,9 @@ class CausalVideoPipeline(DiffusionPipeline):
                 state.output_frame += frames_for_latents(num_frames, state.frame, self.vae_scale_factor_temporal)
                 state.frame += num_frames
                 state.chunk_index += 1
+                if self._interrupt and not is_prefix:  # the sampler stopped in this chunk: the video ends here
+                    break
+            self._current_timestep = None
 
     # ------------------------------------------------------------------ public entry points
     @_with_stream_arguments
@@ -827,6 +1002,8 @@ class CausalVideoPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -880,6 +1057,9 @@ class CausalVideoPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             context_noise,
             prefix_frames,
+            num_videos_per_prompt,
+            generator,
+            guidance_scale_2,
         )
 
         # 2. Encode the prompt (and the later prompts of a schedule; the negative prompt serves every prompt)
@@ -889,6 +1069,7 @@ class CausalVideoPipeline(DiffusionPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             guidance_scale=guidance_scale,
             max_sequence_length=max_sequence_length,
+            num_videos_per_prompt=num_videos_per_prompt,
         )
         prompt_embeds, negative_prompt_embeds, prompt_schedule = self._encode_prompt_schedule(
             encode, prompt, prompt_embeds, switch_frames, first_chunk_frames
@@ -907,9 +1088,18 @@ class CausalVideoPipeline(DiffusionPipeline):
         if rope is None:
             rope = "relative" if num_frames is None else "absolute"
         kv_cache = self.prepare_kv_cache(batch_size, negative_prompt_embeds is not None, window_frames, sink_frames, rope)
-        denoiser = CacheDenoiser(
-            self.transformer, kv_cache, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs
+        denoiser = _PipelineDenoiser(
+            self, self.transformer, kv_cache, prompt_embeds, negative_prompt_embeds, guidance_scale, attention_kwargs
         )
+        num_steps = len(self.scheduler.timesteps)
+        run = _RunState(
+            guidance_scale=guidance_scale,
+            attention_kwargs=attention_kwargs,
+            num_timesteps=None if num_latent_frames is None else num_steps * self._num_generated_chunks(
+                num_latent_frames, prefix_frames
+            ),
+        )
+        run.enter(self)
         state = _StreamState(
             denoiser,
             StreamingVAEDecoder(self.vae),
@@ -931,19 +1121,20 @@ class CausalVideoPipeline(DiffusionPipeline):
             callback=self._step_end_hook(
                 denoiser, progress, callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]
             ),
+            interrupt=lambda: self._interrupt,
             first_frame=prefix_frames,
             device=device,
             dtype=dtype,
         )
         if prefix is not None:  # the clip's chunks first (their context noise drawn before any chunk's noise)
-            prefix = prefix.expand(batch_size)
+            prefix = prefix.expand(batch_size, num_videos_per_prompt)
             sampled = itertools.chain(
                 self._prefill_chunks(prefix, sampler, denoiser, generator, device, dtype), sampled
             )
 
         # 4. The chunk loop, run as the stream is read
         chunks = self._chunk_loop(state, sampler, sampled, prompt_schedule, output_type, return_trajectory, progress)
-        return CausalVideoStream(chunks, state, encode)
+        return CausalVideoStream(chunks, state, encode, self, run)
 
     @torch.no_grad()
     @_with_stream_arguments
@@ -957,6 +1148,8 @@ class CausalVideoPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -991,6 +1184,8 @@ class CausalVideoPipeline(DiffusionPipeline):
             num_inference_steps=num_inference_steps,
             sigmas=sigmas,
             guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            num_videos_per_prompt=num_videos_per_prompt,
             generator=generator,
             latents=latents,
             prompt_embeds=prompt_embeds,

@@ -59,8 +59,11 @@ def test_generate_help(capsys):
         main(["generate", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for text in ("--prompt", "--switch-frames", "--model", "random-tiny", "--frames", "--output", "examples:"):
+    for text in ("PROMPT", "--prompt", "--switch-frames", "--model", "random-tiny", "--frames", "--output", "examples:"):
         assert text in out
+    # today's behaviour: the bundled ShapesWorld model is the default, and the prompt can be the first argument
+    assert 'diffusers-raven generate "a red circle moving right"' in out
+    assert "ShapesWorld model shipped with the package" in out and "while no bundled model exists" not in out
 
 
 def test_no_command_prints_help(capsys):
@@ -113,6 +116,41 @@ def test_generate_prompt_switch(tmp_path, capsys):
     assert len(chunk_lines) == 2
     assert chunk_lines[0].endswith("prompt 1") and chunk_lines[1].endswith("prompt 2")
     assert len(_mp4_frames(output)) == 21
+
+
+def test_generate_positional_prompt(tmp_path, capsys):
+    """``generate "PROMPT"`` is ``generate --prompt PROMPT``; several positional prompts make a schedule."""
+    base = ["generate", "--model", "random-tiny", *SMALL, "--quiet"]
+    for name, prompt in (("positional.gif", ["a red circle moving right"]),
+                         ("option.gif", ["--prompt", "a red circle moving right"])):
+        code, _, err = _run([*base, *prompt, "--output", str(tmp_path / name)], capsys)
+        assert code == 0, err
+    from PIL import Image, ImageSequence
+
+    def frames(name):
+        with Image.open(tmp_path / name) as image:
+            return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
+
+    assert len(frames("positional.gif")) == 9
+    assert all(np.array_equal(a, b) for a, b in zip(frames("positional.gif"), frames("option.gif"), strict=True))
+    argv = ["generate", "--model", "random-tiny", "a red circle", "a blue square", "--switch-frames", "9",
+            "--frames", "21", "--height", "32", "--width", "32", "--output", str(tmp_path / "switch.gif")]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    chunk_lines = [line for line in out.splitlines() if line.startswith("chunk ")]
+    assert chunk_lines[0].endswith("prompt 1") and chunk_lines[1].endswith("prompt 2")
+
+
+def test_generate_positional_prompt_with_the_bundled_model(tmp_path, capsys):
+    """``diffusers-raven generate "a red circle moving right"`` with nothing else: the bundled model (one chunk here
+    to keep the test short)."""
+    if not presets.bundled_model_available():
+        pytest.skip("no bundled model in this installation")
+    output = tmp_path / "raven.gif"
+    code, out, err = _run(["generate", "a red circle moving right", "--frames", "9", "--output", str(output)], capsys)
+    assert code == 0, err
+    assert "model: bundled ShapesWorld model" in out and "note:" not in err
+    assert _gif_frames(output) == 9
 
 
 # ---------------------------------------------------------------------- --continue
@@ -208,6 +246,10 @@ def test_generate_continue_with_the_bundled_model(tmp_path, capsys):
         (["--prompt", "a", "--continue", "{bad}"], "cannot read video"),
         (["--prompt", "a", "--continue", "{clip}", "--frames", "21"], "--frames counts the whole video"),
         (["--prompt", "a", "--without-clip"], "--without-clip needs --continue"),
+        ([], "give a prompt"),
+        (["a circle", "--prompt", "a square"], "not both"),
+        ([""], "the prompt is empty"),
+        (["a", "b"], "--switch-frames"),
     ],
 )
 def test_generate_errors_are_one_line(tmp_path, capsys, extra, expected):

@@ -12,10 +12,12 @@ import sys
 DESCRIPTION = """\
 diffusers-raven: streaming autoregressive video diffusion.
 
-  diffusers-raven generate --prompt "a red circle moving right"   write a video with the default model
-  diffusers-raven eval --output metrics.json                       ShapesWorld metrics of a model (JSON)
-  diffusers-raven convert --checkpoint model.pt --output out/     turn a Self Forcing / LongLive / CausVid
-                                                                    checkpoint into a diffusers folder
+  diffusers-raven generate "a red circle moving right"   write a video (raven.mp4) with the default model, the
+                                                          ShapesWorld model shipped with the package
+  diffusers-raven eval --output metrics.json              ShapesWorld metrics of a model (JSON)
+  diffusers-raven convert --checkpoint model.pt --output out/
+                                                          turn a Self Forcing / LongLive / CausVid checkpoint into
+                                                          a diffusers folder
 
 Run `diffusers-raven <command> --help` for the options of a command.
 """

@@ -23,6 +23,10 @@ RANDOM_MODEL_NOTE = "using a randomly initialised tiny pipeline (the video is no
 _DESCRIPTION = """\
 Generate a video from a text prompt with a streaming (chunk-by-chunk) causal video diffusion model.
 
+The prompt is the first argument (or --prompt TEXT). The default model is the small ShapesWorld model shipped with
+the package: 64x64 videos of coloured shapes on a plain background, following captions such as "a red circle moving
+right on a black background" (colours, shapes, directions and speeds, backgrounds; two objects joined by "and").
+
 Each chunk of frames is written to the output file as soon as it is decoded, and one line per chunk reports its
 latency. Frame counts follow the model's chunking: with the usual 3 latent frames per chunk and the VAE's 4x
 temporal compression, valid --frames values are 9 (one chunk), 21, 33, 45, ... (12 more per chunk).
@@ -36,21 +40,22 @@ two chunks, 24 frames). The clip's frames are resized to the output size, and on
 
 _EPILOG = """\
 models (--model):
-  bundled       the small ShapesWorld model shipped with the package (the default). While no bundled model
-                exists, a randomly initialised tiny pipeline is used instead and the command says so.
+  bundled       the small ShapesWorld model shipped with the package (the default; an installation without its
+                files falls back to a randomly initialised tiny pipeline and prints a note saying so).
   random-tiny   a randomly initialised tiny pipeline: noise-like video, useful to try the machinery offline.
   FOLDER        a pipeline folder written by CausalVideoPipeline.save_pretrained (model_index.json and the
                 tokenizer, text_encoder, transformer, vae and scheduler sub-folders).
   OWNER/NAME    a Hugging Face Hub repository holding such a folder.
 
 examples:
-  diffusers-raven generate --prompt "a red circle moving right on a black background"
-  diffusers-raven generate --prompt "two blue squares bouncing" --frames 45 --output squares.gif
-  diffusers-raven generate --prompt "a red circle moves right" --prompt "a red circle moves left" \\
+  diffusers-raven generate "a red circle moving right"                       # writes raven.mp4
+  diffusers-raven generate "a blue square moving quickly up on a gray background" --frames 45 --output square.gif
+  diffusers-raven generate "a red circle moving right" "a red circle moving left" \\
       --switch-frames 21 --frames 45           # prompt switch: the second prompt takes over at frame 21
-  diffusers-raven generate --prompt "a green ball rolls" --frames 81 --window-frames 9 --sink-frames 3
-  diffusers-raven generate --prompt "a red circle moving right" --continue clip.mp4 --output continued.mp4
-  diffusers-raven generate --model path/to/pipeline --prompt "..." --height 256 --width 256 --steps 4
+  diffusers-raven generate "a green triangle moving left" --frames 81 --window-frames 9 --sink-frames 3
+  diffusers-raven generate "a red circle moving right" --continue clip.mp4 --output continued.mp4
+  diffusers-raven generate --prompt "a red circle moving right"              # the prompt as an option works too
+  diffusers-raven generate "..." --model path/to/pipeline --height 256 --width 256 --steps 4
 """
 
 
@@ -64,26 +69,32 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
+        "prompts",
+        nargs="*",
+        metavar="PROMPT",
+        help="what the video shows; several prompts with --switch-frames change prompt mid-video",
+    )
+    parser.add_argument(
         "--prompt",
         action="append",
-        required=True,
+        default=None,
         metavar="TEXT",
-        help="what the video shows; repeat it (--prompt A --prompt B) with --switch-frames to change prompt mid-video",
+        help="the prompt as an option instead (repeat it for a prompt schedule: --prompt A --prompt B)",
     )
     parser.add_argument(
         "--switch-frames",
         type=int,
         nargs="+",
         metavar="FRAME",
-        help="output frames at which the next --prompt takes over (one per extra prompt, increasing); a switch "
+        help="output frames at which the next prompt takes over (one per extra prompt, increasing); a switch "
         "applies from the first chunk starting at or after that frame",
     )
     parser.add_argument(
         "--model",
         default=None,
         metavar="MODEL",
-        help="'bundled' (default; a random tiny pipeline while no bundled model exists), 'random-tiny', a "
-        "pipeline folder or a Hub repository id (see below)",
+        help="'bundled' (default: the ShapesWorld model shipped with the package), 'random-tiny', a pipeline "
+        "folder or a Hub repository id (see below)",
     )
     parser.add_argument(
         "--frames",
@@ -110,14 +121,14 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PIXELS",
-        help="frame height in pixels (default: the model's default size)",
+        help="frame height in pixels (default: the model's size, 64 for the bundled model)",
     )
     parser.add_argument(
         "--width",
         type=int,
         default=None,
         metavar="PIXELS",
-        help="frame width in pixels (default: the model's default size)",
+        help="frame width in pixels (default: the model's size, 64 for the bundled model)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default: 0)")
     parser.add_argument(
@@ -154,11 +165,17 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
-    """Checks that need no model; returns the prompt schedule."""
-    prompts = list(args.prompt)
+    """Checks that need no model; returns the prompt schedule (the positional prompts, or the --prompt options)."""
+    if args.prompts and args.prompt:
+        raise CLIError("give the prompt as an argument or with --prompt, not both.")
+    option = not args.prompts
+    prompts = list(args.prompts or args.prompt or [])
+    if not prompts:
+        raise CLIError('give a prompt: diffusers-raven generate "a red circle moving right" (or --prompt TEXT).')
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
-            which = "--prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
+            which = "--prompt" if option else "the prompt"
+            which = which if len(prompts) == 1 else f"{which} number {i + 1}"
             raise CLIError(f"{which} is empty: give the text the video should show.")
     switches = args.switch_frames
     if len(prompts) > 1 and not switches:
@@ -168,7 +185,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if switches and len(switches) != len(prompts) - 1:
         raise CLIError(
             f"--switch-frames has {len(switches)} frame(s) but there are {len(prompts)} prompts; give one switch "
-            "frame per extra --prompt."
+            "frame per extra prompt."
         )
     if args.frames is not None and args.frames < 1:
         raise CLIError(f"--frames must be positive (num_frames = 1 + 4·k), got {args.frames}.")

@@ -111,6 +111,24 @@ def test_stream_json_and_per_chunk_scores(recipe, tiny_folder, tmp_path):
             for index, text in zip(settings["frame_indices"], model["frames"][prompt["name"]]):
                 np.testing.assert_array_equal(recipe.png_frame(text), video[index])
 
+    # derived columns: the largest object's area over the scene's largest; --replot recomputes them and the onsets
+    for prompt in prompts:
+        cols = model["prompts"][prompt["name"]]["chunks"]
+        largest = max(4 * o["size"] ** 2 if o["shape"] == "square" else math.pi * o["size"] ** 2
+                      if o["shape"] == "circle" else 2 * o["size"] ** 2 for o in prompt["scene"]["objects"])
+        assert cols["largest_area_ratio"] == pytest.approx([a / largest for a in cols["largest_area"]], abs=1e-3)
+    stripped = json.loads(output.read_text())
+    for entry in stripped["models"]["tiny"]["prompts"].values():
+        del entry["chunks"]["largest_area_ratio"]
+    output.write_text(json.dumps(stripped))
+    replotted = recipe.main(["--replot", "--output", str(output), "--smooth", "3", "--plot", str(plot)])
+    assert replotted["settings"]["smooth"] == 3
+    for name, entry in replotted["models"]["tiny"]["prompts"].items():
+        assert entry["chunks"]["largest_area_ratio"] == model["prompts"][name]["chunks"]["largest_area_ratio"]
+        assert entry["onsets"] == recipe.onsets(entry["chunks"], 3)
+    areas = replotted["models"]["tiny"]["frame_areas"]["example"]
+    assert areas["color"] == "blue" and len(areas["areas"]) == 3 and areas["scene_area"] == pytest.approx(4 * 4.5**2)
+
     # --append adds a model and keeps the first; other settings are refused
     recipe.main(["--pipeline", f"again={tiny_folder}", *common, "--append"])
     appended = json.loads(output.read_text())

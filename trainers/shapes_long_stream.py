@@ -29,9 +29,13 @@ tracking and motion unfolding over the whole stream, exactly as ``evaluate_video
 motion unfolded back to frame 0), giving per chunk the semantic accuracy and its parts, physics, the evaluator's
 PSNR (against a re-render of the detected scene) and consistency; plus, against the ground-truth scene:
 
-- ``object_area_ratio``: the matched caption object's area (median over the chunk's unoccluded frames, from the
-  evaluator's size and shape) over the scene object's area (mean over caption objects; None when none is matched);
-- ``largest_area``: median over the chunk's frames of the largest detected object's area (px, reference-free);
+- ``object_area_ratio``: the matched caption object's area (the evaluator's size and shape: median over the chunk's
+  unoccluded frames; an object touching other blobs in every frame of the chunk falls back to its whole track's, so
+  in cluttered videos this ratio stops following the chunk) over the scene object's area (mean over caption
+  objects; None when none is matched);
+- ``largest_area``: median over the chunk's frames of the largest detected object's area (px, reference-free,
+  per frame); ``largest_area_ratio``: that over the area of the scene's largest object (what the swelling onsets
+  use; the largest detection may be another blob than the caption's object);
 - ``background_distance``: RGB distance (in [0, 1] units) between the detected background (median of the border
   pixels, mean over the chunk) and the scene's background colour; ``background_fraction``: the fraction of pixels
   within the evaluator's foreground threshold (0.2) of the scene's background colour (ground truth: 1 minus the
@@ -115,7 +119,7 @@ EVALUATOR_METRICS = ("semantic_accuracy", "background_accuracy", "count_accuracy
                      "shape_accuracy", "direction_accuracy", "speed_accuracy", "physics_accuracy", "psnr",
                      "consistency", "num_objects", "speed", "speed_error", "direction_error")
 #: Metrics of this script (reference-based unless said otherwise).
-EXTRA_METRICS = ("object_area_ratio", "largest_area", "background_distance", "background_fraction",
+EXTRA_METRICS = ("object_area_ratio", "largest_area", "largest_area_ratio", "background_distance", "background_fraction",
                  "foreground_fraction", "off_background_fraction", "psnr_truth", "psnr_placed")
 CHUNK_METRICS = EVALUATOR_METRICS + EXTRA_METRICS
 #: Per-chunk strings (not averaged).
@@ -131,8 +135,8 @@ ONSET_RULES = {  # metric, kind, value: "below"/"above" a threshold, "drop" by /
     "background": ("background_accuracy", "below", 0.5),
     "background_colour": ("background_distance", "above", FG_THRESHOLD),
     "background_fraction": ("background_fraction", "below", 0.5),
-    "swelling": ("object_area_ratio", "above", 2.0),
-    "growth": ("object_area_ratio", "grow", 1.5),
+    "swelling": ("largest_area_ratio", "above", 2.0),
+    "growth": ("largest_area_ratio", "grow", 1.5),
     "semantic": ("semantic_accuracy", "drop", 0.15),
 }
 
@@ -273,6 +277,7 @@ def score_video(video: np.ndarray, scene: Scene, chunk_frames, block: int = 240)
                   for o, area in zip(metrics["objects"], scene_areas) if o["detected"] is not None]
         out["object_area_ratio"] = float(np.mean(ratios)) if ratios else None
         out["largest_area"] = float(np.median(per_frame["largest_area"][start:end]))
+        out["largest_area_ratio"] = out["largest_area"] / max(scene_areas)
         for key in ("background_distance", "background_fraction", "foreground_fraction", "psnr_truth",
                     "psnr_placed"):
             out[key] = float(per_frame[key][start:end].mean())
@@ -345,6 +350,41 @@ def onsets(cols: dict[str, list], smooth: int) -> dict[str, Any]:
     return out
 
 
+def scene_area(scene: Scene, color: str) -> float | None:
+    areas = [_shape_area(o.shape, o.size) for o in scene.objects if o.color == color]
+    return max(areas) if areas else None
+
+
+def derive(report: dict[str, Any], smooth: int) -> None:
+    """What follows from the stored columns and frames, (re)computed for every model: ``largest_area_ratio`` where a
+    model lacks it, onsets per prompt, the mean over the captioned prompts and its onsets, and ``frame_areas``: in
+    each stored example frame, the area of the largest detection with the scene object's colour (a direct, per-frame
+    reading of the example object's size, None when no such detection)."""
+    prompts = {p["name"]: p for p in report["prompts"]}
+    for model in report["models"].values():
+        for name, entry in model["prompts"].items():
+            cols, scene = entry["chunks"], scene_of(prompts[name])
+            if "largest_area_ratio" not in cols:
+                largest = max(_shape_area(o.shape, o.size) for o in scene.objects)
+                cols["largest_area_ratio"] = [None if a is None else round(a / largest, 4)
+                                              for a in cols["largest_area"]]
+            entry["onsets"] = onsets(cols, smooth)
+        in_mean = [model["prompts"][p["name"]]["chunks"] for p in report["prompts"] if p["in_mean"]]
+        model["mean_over"] = len(in_mean)
+        model["mean"] = mean_columns(in_mean)
+        model["mean_onsets"] = onsets(model["mean"], smooth)
+        model["frame_areas"] = {}
+        for name, frames in model.get("frames", {}).items():
+            scene = scene_of(prompts[name])
+            colour = scene.objects[0].color
+            areas = []
+            for text in frames:
+                found = [o.area for o in detect_video(png_frame(text))[0].objects if o.color == colour]
+                areas.append(round(max(found), 1) if found else None)
+            model["frame_areas"][name] = {"color": colour, "scene_area": scene_area(scene, colour), "areas": areas}
+    report["settings"]["smooth"] = smooth
+
+
 # ------------------------------------------------------------------------------------------------ figures
 def png_base64(frame: np.ndarray) -> str:
     from PIL import Image
@@ -363,7 +403,7 @@ def png_frame(text: str) -> np.ndarray:
 PLOT_PANELS = (
     ("semantic_accuracy", "semantic accuracy", None),
     ("background_fraction", "frame on the caption's background\n(fraction of pixels)", None),
-    ("object_area_ratio", "object area / scene object's area", "log"),
+    ("largest_area_ratio", "largest object's area / scene's largest\nobject's (per frame, median)", "log"),
     ("color_accuracy", "colour accuracy", None),
     ("shape_accuracy", "shape accuracy", None),
     ("direction_accuracy", "direction accuracy", None),
@@ -373,13 +413,12 @@ PLOT_PANELS = (
 )
 
 
-def plot_scores(report: dict[str, Any], path: str) -> None:
+def plot_scores(report: dict[str, Any], path: str, smooth: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    smooth = report["settings"]["smooth"]
     fig, axes = plt.subplots(3, 3, figsize=(15, 11), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for m, (name, model) in enumerate(report["models"].items()):
@@ -403,7 +442,7 @@ def plot_scores(report: dict[str, Any], path: str) -> None:
     s = report["settings"]
     fig.suptitle(f"{s['num_frames']} frames ({s['latent_frames']} latent), window {s['window_frames']}, "
                  f"sinks {s['sink_frames']}, {s['rope']} RoPE; running mean over {smooth} chunks "
-                 f"({smooth * 12} frames)", fontsize=11)
+                 f"({smooth * report['settings']['chunk_pixel_frames'][-1]} frames)", fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -423,15 +462,26 @@ def plot_frames(report: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(len(rows), len(indices), figsize=(1.6 * len(indices) + 2.2, 1.75 * len(rows)),
                              squeeze=False)
     for r, (name, key, frames) in enumerate(rows):
+        areas = report["models"][name].get("frame_areas", {}).get(key)
         for c, (index, text) in enumerate(zip(indices, frames)):
             ax = axes[r, c]
-            ax.imshow(png_frame(text), interpolation="nearest")
+            image = png_frame(text)
+            ax.imshow(image, interpolation="nearest")
+            if areas is not None:
+                area = areas["areas"][c]
+                label = f"{areas['color']}: none" if area is None else f"{areas['color']} {area:.0f} px"
+                ax.text(1, image.shape[0] - 2, label, fontsize=6, color="white", backgroundcolor=(0, 0, 0, 0.5))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"frame {index}", fontsize=9)
         axes[r, 0].set_ylabel(f"{name}\n\"{prompts[key]}\"".replace(" on a", "\non a").replace("moving ", "\nmoving "),
                               fontsize=7, rotation=0, ha="right", va="center")
+    if any(report["models"][name].get("frame_areas") for name in report["models"]):
+        scene = scene_of(next(p for p in report["prompts"] if p["name"] == "example"))
+        fig.suptitle(f"label: area of the largest {scene.objects[0].color} detection; the scene's "
+                     f"{scene.objects[0].shape} has {_shape_area(scene.objects[0].shape, scene.objects[0].size):.0f} px",
+                     fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -467,7 +517,7 @@ def fmt(v, digits=3) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", action="append", default=[], required=True,
+    parser.add_argument("--pipeline", action="append", default=[],
                         help="name=folder of a CausalVideoPipeline ('bundled' for the bundled model); repeatable")
     parser.add_argument("--latent_frames", type=int, default=1200, help="latent frames per stream (1200 = 4797 frames)")
     parser.add_argument("--window_frames", type=int, default=12)
@@ -480,19 +530,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--max_sequence_length", type=int, default=18)
-    parser.add_argument("--smooth", type=int, default=10, help="running mean over this many chunks (plot, onsets)")
+    parser.add_argument("--smooth", type=int, default=10, help="onsets: centred running mean over this many chunks")
+    parser.add_argument("--plot_smooth", type=int, default=25, help="plot: centred running mean over this many chunks")
     parser.add_argument("--frame_indices", type=int, nargs="+", default=[0, 500, 1000, 2000, -1],
                         help="frames of the example strip (-1: the last frame)")
     parser.add_argument("--detect_block", type=int, default=240, help="frames detected at a time (memory)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true",
                         help="add the models to an existing --output (same prompts and settings) and redraw")
+    parser.add_argument("--replot", action="store_true",
+                        help="no streaming: recompute onsets and means of an existing --output (e.g. with another "
+                             "--smooth) and redraw the figures")
     parser.add_argument("--output", required=True, help="JSON file")
     parser.add_argument("--plot", default=None, help="PNG of the per-chunk scores")
     parser.add_argument("--frames_plot", default=None, help="PNG strip of the example frames")
     args = parser.parse_args(argv)
-    if args.latent_frames < 1 or args.captions < 0 or args.smooth < 1 or args.detect_block < 1:
-        raise SystemExit("--latent_frames, --smooth and --detect_block must be positive and --captions >= 0")
+    if args.latent_frames < 1 or args.captions < 0 or min(args.smooth, args.plot_smooth, args.detect_block) < 1:
+        raise SystemExit("--latent_frames, --smooth, --plot_smooth and --detect_block must be positive and "
+                         "--captions >= 0")
+    if args.replot:
+        if args.pipeline or args.append:
+            raise SystemExit("--replot redraws an existing --output: no --pipeline, no --append")
+        if not os.path.isfile(args.output):
+            raise SystemExit(f"--replot: {args.output} does not exist")
+        with open(args.output) as f:
+            report = json.load(f)
+        report.setdefault("commands", []).append(
+            " ".join(["python", "trainers/shapes_long_stream.py", *(sys.argv[1:] if argv is None else argv)]))
+        derive(report, args.smooth)
+        dump_json(report, args.output)
+        draw(report, args)
+        return report
+    if not args.pipeline:
+        raise SystemExit("give at least one --pipeline name=folder (or --replot)")
     pipelines = parse_pipelines(args.pipeline)
     torch.set_num_threads(args.threads)
 
@@ -505,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.append and os.path.isfile(args.output):
         with open(args.output) as f:
             report = json.load(f)
-        mine = {k: v for k, v in settings.items() if v is not None}
+        mine = {k: v for k, v in settings.items() if v is not None and k != "smooth"}
         theirs = {k: report["settings"].get(k) for k in mine}
         if theirs != mine or [p["prompt"] for p in report["prompts"]] != [p["prompt"] for p in prompts]:
             raise SystemExit(f"--append: {args.output} was made with other settings or prompts "
@@ -549,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cols = columns(scored["chunks"])
             entry["prompts"][prompt["name"]] = {
                 "whole": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scored["whole"].items()},
-                "onsets": onsets(cols, args.smooth), "chunks": cols}
+                "onsets": onsets(cols, args.smooth), "chunks": cols}  # derive() recomputes the onsets
             if prompt["name"].startswith("example"):
                 entry["frames"][prompt["name"]] = [png_base64(video[i]) for i in indices]
             o = entry["prompts"][prompt["name"]]["onsets"]
@@ -557,24 +627,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + ", ".join(f"{k} {v['frame']}" for k, v in o.items()) + f" ({time.perf_counter() - start:.0f} s)",
                   flush=True)
         del videos
-        in_mean = [entry["prompts"][p["name"]]["chunks"] for p in prompts if p["in_mean"]]
-        entry["mean_over"] = len(in_mean)
-        entry["mean"] = mean_columns(in_mean)
-        entry["mean_onsets"] = onsets(entry["mean"], args.smooth)
         entry["eval_seconds"] = round(time.perf_counter() - eval_start, 1)
         report["models"][name] = entry
+        derive(report, args.smooth)
         dump_json(report, args.output)  # after every model: a long run keeps what it has
         print(f"{name}: mean onsets " + ", ".join(f"{k} {v['frame']}" for k, v in entry["mean_onsets"].items())
               + f"; stream {timing['stream_seconds']:.0f} s, scoring {entry['eval_seconds']:.0f} s", flush=True)
 
     report["wall_seconds_last_run"] = round(time.perf_counter() - start, 1)
     dump_json(report, args.output)
-    if args.plot:
-        plot_scores(report, args.plot)
-    if args.frames_plot:
-        plot_frames(report, args.frames_plot)
+    draw(report, args)
     print(f"wrote {args.output} in {report['wall_seconds_last_run']:.0f} s", flush=True)
     return report
+
+
+def draw(report: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.plot:
+        plot_scores(report, args.plot, args.plot_smooth)
+    if args.frames_plot:
+        plot_frames(report, args.frames_plot)
 
 
 if __name__ == "__main__":

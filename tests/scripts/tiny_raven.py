@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def build(output_dir: str, history: str = "raven", max_steps: int = 2, save_steps: int = 1, **overrides):
+def build(output_dir: str, history: str = "raven", max_steps: int = 2, save_steps: int = 1, train_dataset=None,
+          **overrides):
     from datasets import Dataset
     from diffusers import WanTransformer3DModel
 
@@ -32,7 +33,8 @@ def build(output_dir: str, history: str = "raven", max_steps: int = 2, save_step
         learning_rate=1e-3, critic_learning_rate=1e-3, critic_updates_per_generator_update=1, seed=0,
     )
     args = RavenConfig(**{**settings, **overrides})
-    return RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=Dataset.from_dict(columns))
+    dataset = train_dataset if train_dataset is not None else Dataset.from_dict(columns)
+    return RavenTrainer(model=pipe, teacher=teacher, args=args, train_dataset=dataset)
 
 
 def losses(trainer) -> list[float]:

@@ -40,6 +40,8 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
     """One Wan block with per-frame modulation (``modulation``: ``[B, frames, 6, dim]``).
 
     The same element-wise operations as ``WanTransformerBlock.forward``, broadcast per frame instead of per video.
+    Installed as each block's ``forward`` (:meth:`CausalWanTransformer3DModel.route_blocks`), so that calling the block
+    runs the hooks registered on it.
     """
     frames = modulation.shape[1]
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
@@ -125,8 +127,17 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 f"({patch_size[0]})."
             )
         self.install_causal_processors()
+        self.route_blocks()
 
     # ------------------------------------------------------------------ helpers
+    def route_blocks(self) -> None:
+        """Make every block's ``forward`` the per-frame forward, so the model calls the blocks themselves
+        (``block(...)``): hooks registered on a block then fire — FSDP2's all-gather and reshard of a sharded
+        ``WanTransformerBlock``, activation-checkpoint wrappers, diffusers' block-level offloading. The block's
+        parameters and state-dict keys are unchanged."""
+        for block in self.blocks:
+            block.forward = partial(_block_forward, block)
+
     def install_causal_processors(self) -> None:
         """(Re)install the cache-aware attention processors on every block (e.g. after ``set_attn_processor``)."""
         for index, block in enumerate(self.blocks):
@@ -384,10 +395,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(
-                    partial(_block_forward, block, context=context), tokens, encoder_hidden_states, modulation
+                    partial(block, context=context), tokens, encoder_hidden_states, modulation
                 )
             else:
-                tokens = _block_forward(block, tokens, encoder_hidden_states, modulation, context)
+                tokens = block(tokens, encoder_hidden_states, modulation, context=context)
 
         # 4. Cache writes happen after the pass (idempotent under gradient-checkpoint replays).
         if kv_cache is not None:

@@ -18,6 +18,11 @@
 - **EMA** through ``diffusers.training_utils.EMAModel``; checkpoints hold the student as a diffusers folder (or a
   LoRA adapter), the EMA and each trainer's extra modules; ``save_model`` writes a loadable pipeline folder and a
   model card built with ``huggingface_hub.ModelCard``.
+- **DDP and FSDP2** come from accelerate through the Trainer. Under FSDP the student (and any other module the trainer
+  prepares, e.g. RAVEN's critic) is sharded per block; the EMA shadows are sharded like the weights; checkpoints,
+  ``save_pipeline`` and ``export_transformer`` gather full weights (collectives: every process calls them). On CPU
+  the FSDP plugin is engaged by :func:`~diffusers_raven.trainer.fsdp.engage_fsdp`; a run that asks for FSDP and
+  does not get it fails.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import SCHEDULER_NAME
 
 from ..models import CausalWanTransformer3DModel, KVCache
 from ..models.kv_cache import check_window
@@ -45,7 +51,9 @@ from ..pipelines.chunk_sampler import CacheDenoiser, ChunkSampler, ChunkTrajecto
 from ..pipelines.vae_streaming import denormalize_latents
 from ..schedulers import ConsistencyFlowMatchScheduler
 from ..training import RolloutRecord
+from . import fsdp
 from .config import VideoTrainerConfig
+from .prompt_cache import PromptEmbeddingCache, RepeatedPromptStream
 
 EXTRA_STATE_DIR = "raven_state"
 BUFFER_FILE = "generation_buffer.pt"
@@ -72,6 +80,8 @@ class _TrainerHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # The model is prepared (sharded under FSDP) by now: the EMA follows its layout.
+        self.trainer._shard_ema()
         # A resumed run continues the micro-step count (it seeds the draws) and the generation batch it was in.
         self.trainer._step = state.global_step * args.gradient_accumulation_steps
         self.trainer._buffered_inputs = self.trainer._resumed_buffer
@@ -115,6 +125,14 @@ def _epoch_repeat_sampler(dataset, mini_repeat_count: int, batch_size: int, repe
 
     return EpochRepeatSampler(dataset, mini_repeat_count=mini_repeat_count, batch_size=batch_size,
                               repeat_count=repeat_count, shuffle=shuffle, seed=seed)
+
+
+def _column_names(dataset) -> list[str]:
+    """A dataset's columns; a streaming dataset of unknown features shows those of its first row."""
+    names = getattr(dataset, "column_names", None)
+    if names is None and isinstance(dataset, torch.utils.data.IterableDataset):
+        names = list(next(iter(dataset), {}))
+    return list(names or [])
 
 
 def _batched(value: Any) -> bool:
@@ -208,12 +226,15 @@ class CausalVideoTrainerBase(Trainer):
             raise TypeError(f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}.")
         student, pipe = resolve_pipeline(model, pipeline)
         if train_dataset is None:
-            raise ValueError("`train_dataset` is required: a `datasets.Dataset` with a `prompt` column.")
+            raise ValueError(
+                "`train_dataset` is required: a `datasets.Dataset` (or a streaming `datasets.IterableDataset`) with a "
+                "`prompt` column."
+            )
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if dataset is not None and "prompt" not in (getattr(dataset, "column_names", None) or []):
-                raise ValueError(
-                    f"`{name}` must have a `prompt` column; it has {getattr(dataset, 'column_names', None)}."
-                )
+            if dataset is not None and "prompt" not in _column_names(dataset):
+                raise ValueError(f"`{name}` must have a `prompt` column; it has {_column_names(dataset)}.")
+        if isinstance(eval_dataset, torch.utils.data.IterableDataset):
+            raise TypeError("`eval_dataset` must be a `datasets.Dataset` (evaluation splits the prompts by index).")
         self.reward_funcs = self._check_rewards(reward_funcs, args)
         if eval_dataset is not None and not self.reward_funcs:
             raise ValueError(
@@ -234,7 +255,6 @@ class CausalVideoTrainerBase(Trainer):
         self._step = 0
         self._generation = 0
         self._generation_seconds = 0.0
-        self._text_cache: dict[str, torch.Tensor] = {}
         self._setup_video(pipe, args)
         global_batch = args.per_device_train_batch_size * args.world_size * args.steps_per_generation
         if global_batch % self.num_generations:
@@ -257,6 +277,8 @@ class CausalVideoTrainerBase(Trainer):
         device = self.accelerator.device
         pipe.text_encoder.to(device)
         pipe.vae.to(device)
+        self.prompt_cache = PromptEmbeddingCache(args.prompt_cache_size,
+                                                 device if args.prompt_cache_device == "device" else "cpu")
         self.ema: EMAModel | None = None
         if args.ema_decay is not None:
             # A fixed decay (min_decay = decay); update_after_step = start − 1 copies the weights through step `start`.
@@ -314,6 +336,73 @@ class CausalVideoTrainerBase(Trainer):
     def _ema_parameters(student) -> list[torch.nn.Parameter]:
         return [p for p in student.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ distribution (DDP / FSDP2)
+    def create_accelerator_and_postprocess(self) -> None:
+        """transformers' accelerator, then the FSDP check of :func:`~diffusers_raven.trainer.fsdp.engage_fsdp`: a run
+        that asks for FSDP runs FSDP (on CPU too) or fails; it never falls back to DDP silently."""
+        super().create_accelerator_and_postprocess()
+        if fsdp.engage_fsdp(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+
+    def clip_gradients(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip ``module``'s gradients to a total norm of ``max_norm`` (sharded or not); returns the norm before."""
+        if self.is_fsdp_enabled:
+            return fsdp.clip_grad_norm(module.parameters(), max_norm)
+        return self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
+
+    def _clip_grad_norm(self, model):
+        if self.is_fsdp_enabled:  # accelerate's lookup of the owning model fails with two prepared models
+            return fsdp.clip_grad_norm(model.parameters(), self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.is_fsdp_enabled:
+            grad_norm = fsdp.clip_grad_norm(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _shard_ema(self) -> None:
+        """Under FSDP, lay the EMA shadows out as the student's parameters (each process keeps its shard and updates
+        it locally); a no-op when they already match or without EMA."""
+        if self.ema is None or not self.is_fsdp_enabled:
+            return
+        params = self._ema_parameters(self.student)
+        self.ema.shadow_params = [fsdp.shard_like(s, p) for s, p in zip(self.ema.shadow_params, params)]
+
+    def _ema_full_shadows(self) -> list[torch.Tensor]:
+        """The EMA weights as full tensors (gathered under FSDP: every process calls it)."""
+        return [fsdp.full_tensor(s) for s in self.ema.shadow_params]
+
+    def _standalone_student(self) -> CausalWanTransformer3DModel:
+        """A plain (unsharded, unwrapped) copy of the student with its current weights, LoRA adapter unfused.
+
+        Under FSDP the weights are gathered (every process calls it) into a model built on the meta device, so the
+        copy costs one set of full weights in host memory."""
+        if not self.is_fsdp_enabled:
+            return copy.deepcopy(self.student)
+        return self._student_from_state(fsdp.gather_state_dict(self.student))
+
+    def _student_from_state(self, state: dict[str, torch.Tensor]) -> CausalWanTransformer3DModel:
+        """A plain student holding the full ``state`` (built on the meta device, then assigned ``state``; the buffers
+        outside the state dict are copied from the live student)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        student = self.student
+        cls = next(c for c in type(student).__mro__ if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            model = cls.from_config(student.config)
+            if self.peft_config is not None:
+                model.add_adapter(self.peft_config)
+        live = {fsdp.clean_name(n): p for n, p in student.named_parameters()}
+        for name, param in model.named_parameters():
+            param.requires_grad_(live[name].requires_grad)
+        model.load_state_dict(state, strict=True, assign=True)
+        buffers = {fsdp.clean_name(n): b for n, b in student.named_buffers()}
+        for name, buffer in list(model.named_buffers()):
+            if buffer.is_meta:  # non-persistent buffers (e.g. the RoPE tables) are not in the state dict
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = buffers[name].detach().to("cpu", copy=True)
+        return model
+
     # ------------------------------------------------------------------ helpers
     @property
     def student(self) -> CausalWanTransformer3DModel:
@@ -336,16 +425,21 @@ class CausalVideoTrainerBase(Trainer):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Frozen text-encoder states of ``prompts`` (memoised per prompt)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        """Frozen text-encoder states of ``prompts`` on the training device, through the bounded prompt cache
+        (:class:`~diffusers_raven.trainer.prompt_cache.PromptEmbeddingCache`: ``prompt_cache_size`` prompts, least
+        recently used out, on ``prompt_cache_device``)."""
+        states = {p: self.prompt_cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, s in states.items() if s is None]
         if missing:
             embeds = self.pipeline.encode_prompt(
                 missing, max_sequence_length=self.args.max_sequence_length, device=self.accelerator.device,
                 dtype=self.student.dtype,
             )[0]
             for prompt, embed in zip(missing, embeds):
-                self._text_cache[prompt] = embed
-        return torch.stack([self._text_cache[p] for p in prompts])
+                states[prompt] = embed
+                self.prompt_cache.put(prompt, embed)
+        device = self.accelerator.device
+        return torch.stack([states[p].to(device) for p in prompts])
 
     def new_kv_cache(self, batch_size: int, pool_frames: int | None = None) -> KVCache:
         """A fresh KV cache for the student with the training window and sinks (``pool_frames``: older frames kept
@@ -443,7 +537,11 @@ class CausalVideoTrainerBase(Trainer):
 
     # ------------------------------------------------------------------ data and steps
     def get_train_dataloader(self):
-        """Generation batches: ``per_device_train_batch_size × steps_per_generation`` rows per process."""
+        """Generation batches: ``per_device_train_batch_size × steps_per_generation`` rows per process. A streaming
+        dataset is read through :class:`~diffusers_raven.trainer.prompt_cache.RepeatedPromptStream` (the sampler's
+        order), every process keeping its slice of each global batch (accelerate's ``IterableDatasetShard``)."""
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            return self._get_stream_dataloader()
         return self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",
@@ -451,6 +549,25 @@ class CausalVideoTrainerBase(Trainer):
             sampler_fn=self._get_train_sampler,
             is_training=True,
         )
+
+    def _get_stream_dataloader(self):
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.world_size * args.steps_per_generation
+        stream = RepeatedPromptStream(self.train_dataset, global_batch // self.num_generations, self.num_generations,
+                                      self.num_iterations * args.steps_per_generation)
+        loader = DataLoader(stream, batch_size=self._train_batch_size * args.steps_per_generation,
+                            collate_fn=self.data_collator, num_workers=args.dataloader_num_workers)
+        # Every process reads the stream and keeps its slice (no dispatching: the batches hold strings).
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=args.world_size,
+                                   process_index=args.process_index, put_on_device=False, dispatch_batches=False)
+
+    def _first_prompt(self) -> str:
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            return next(iter(self.train_dataset))["prompt"]
+        return self.train_dataset[0]["prompt"]
 
     def _get_train_sampler(self, dataset=None):
         """Each prompt ``num_generations`` times in one global generation batch, the batch repeated for its
@@ -475,6 +592,8 @@ class CausalVideoTrainerBase(Trainer):
             self._buffered_inputs = split_batch(self._generate(generation_batch), self.args.steps_per_generation)
             self._generation_seconds = time.perf_counter() - start
             self.log_metric("timing/generation", self._generation_seconds)
+            self.log_metric("prompt_cache/prompts", len(self.prompt_cache))
+            self.log_metric("prompt_cache/megabytes", self.prompt_cache.nbytes / 2**20)
         inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
         self._step += 1
         return inputs
@@ -500,7 +619,8 @@ class CausalVideoTrainerBase(Trainer):
         if self.ema is not None:
             self.ema.step(self._ema_parameters(self.student))
         every = self.args.sample_every_steps
-        if every and self.state.global_step % every == 0 and self.is_world_process_zero():
+        # Under FSDP every forward pass is a collective: every process generates the sample, the main one writes it.
+        if every and self.state.global_step % every == 0 and (self.is_fsdp_enabled or self.is_world_process_zero()):
             self.write_samples(os.path.join(self.args.output_dir, "samples", f"step-{self.state.global_step}.gif"))
 
     @torch.no_grad()
@@ -526,11 +646,13 @@ class CausalVideoTrainerBase(Trainer):
     @torch.no_grad()
     def write_samples(self, path: str) -> str:
         """A sample video of the first sample prompt (seed ``seed``) at ``path``; with reward functions, its rewards
-        beside it (same name, ``.json``)."""
+        beside it (same name, ``.json``). Under FSDP every process calls it and the main process writes."""
         from ..utils.video import save_video
 
-        prompts = (self.args.sample_prompts or [self.train_dataset[0]["prompt"]])[:1]
+        prompts = (self.args.sample_prompts or [self._first_prompt()])[:1]
         video = self.generate_videos(prompts, [self.args.seed])
+        if not self.is_world_process_zero():
+            return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_video(video[0].permute(0, 2, 3, 1).float().cpu().numpy(), path)
         if self.reward_funcs:
@@ -565,9 +687,14 @@ class CausalVideoTrainerBase(Trainer):
         rank, world = self.args.process_index, self.args.world_size
         batch = self.args.per_device_eval_batch_size
         mine = list(range(rank, len(dataset), world))
+        batches = [mine[start : start + batch] for start in range(0, len(mine), batch)]
+        if self.is_fsdp_enabled:  # every forward pass is a collective: as many batches on every process
+            batches += [None] * (-(-len(dataset) // (world * batch)) - len(batches))
         rows = []
-        for start in range(0, len(mine), batch):
-            index = mine[start : start + batch]
+        for index in batches:
+            if index is None:  # a stand-in batch, generated and dropped
+                self.generate_videos([dataset[0]["prompt"]], [self.args.seed])
+                continue
             columns = dataset[index]
             prompts = list(columns.pop("prompt"))
             videos = self.generate_videos(prompts, [self.args.seed + i for i in index])
@@ -607,43 +734,100 @@ class CausalVideoTrainerBase(Trainer):
         return self.accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_fsdp_enabled:
+            # The student is written once, in transformer/ (``_save``, from the gathered weights); only the optimizer
+            # goes through accelerate's FSDP checkpointing (its model file would be a second copy of the student).
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                                output_dir)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+        folder = os.path.join(output_dir, EXTRA_STATE_DIR)
+        if self._buffered_inputs is not None and self._step % (self.args.steps_per_generation * self.num_iterations):
+            # Mid-way through a generation batch's iterations: every process's rollouts, for an exact resume.
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self._buffered_inputs, os.path.join(folder, self._buffer_file()))
+        states = self._gather_extra_states()  # collectives under FSDP: before the other processes return
         if not self.args.should_save:
             return
-        folder = os.path.join(output_dir, EXTRA_STATE_DIR)
         os.makedirs(folder, exist_ok=True)
+        for name, state in states.items():
+            torch.save(state, os.path.join(folder, f"{name}.pt"))
+
+    def _buffer_file(self) -> str:
+        return BUFFER_FILE if self.args.world_size == 1 else BUFFER_FILE.replace(".pt", f"_rank{self.args.process_index}.pt")
+
+    def _gather_extra_states(self) -> dict[str, Any]:
+        """The states a checkpoint holds besides Trainer's: the EMA and :meth:`extra_state`, full (gathered under
+        FSDP; an optimizer's state then in ``torch.distributed.checkpoint``'s format, keyed by parameter names)."""
+        states: dict[str, Any] = {}
         if self.ema is not None:
-            torch.save(self.ema.state_dict(), os.path.join(folder, "ema.pt"))
-        if self._buffered_inputs is not None and self._step % (self.args.steps_per_generation * self.num_iterations):
-            # Mid-way through a generation batch's iterations: its rollouts, for an exact resume.
-            torch.save(self._buffered_inputs, os.path.join(folder, BUFFER_FILE))
-        for name, obj in self.extra_state().items():
-            torch.save(self._unwrap(obj).state_dict(), os.path.join(folder, f"{name}.pt"))
+            states["ema"] = {**self.ema.state_dict(), "shadow_params": self._ema_full_shadows()}
+        extra = self.extra_state()
+        for name, obj in extra.items():
+            obj = self._unwrap(obj)
+            if not self.is_fsdp_enabled:
+                states[name] = obj.state_dict()
+            elif isinstance(obj, torch.nn.Module):
+                states[name] = fsdp.gather_state_dict(obj)
+            elif isinstance(obj, torch.optim.Optimizer):
+                states[name] = fsdp.gather_optimizer_state(self._optimizer_owner(name, obj, extra), obj)
+            else:
+                states[name] = obj.state_dict()
+        return states
+
+    def _optimizer_owner(self, name: str, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> torch.nn.Module:
+        """The module (among the student and :meth:`extra_state`'s modules) whose parameters ``optimizer`` holds."""
+        first = optimizer.param_groups[0]["params"][0]
+        for module in [self.student, *(self._unwrap(m) for m in extra.values() if isinstance(m, torch.nn.Module))]:
+            if any(p is first for p in module.parameters()):
+                return module
+        raise ValueError(f"The optimizer `{name}` of `extra_state()` holds parameters of no module listed there.")
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        self._shard_ema()
         folder = os.path.join(checkpoint, EXTRA_STATE_DIR)
-        states = {"ema": self.ema} if self.ema is not None else {}
-        states.update(self.extra_state())
-        buffer = os.path.join(folder, BUFFER_FILE)
+        extra = self.extra_state()
+        names = (["ema"] if self.ema is not None else []) + list(extra)
+        device = self.accelerator.device
+        device = "cpu" if device.type == "cpu" else device  # torch.load does not restore to "cpu:0" (gloo runs)
+        buffer = os.path.join(folder, self._buffer_file())
         if os.path.exists(buffer):  # written by this package's own trainer: tensors and rollout records
-            self._resumed_buffer = torch.load(buffer, map_location=self.accelerator.device, weights_only=False)
-        for name, obj in states.items():
+            self._resumed_buffer = torch.load(buffer, map_location=device, weights_only=False)
+        for name in names:
             path = os.path.join(folder, f"{name}.pt")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"Checkpoint {checkpoint} has no {name} state ({path}).")
-            self._unwrap(obj).load_state_dict(torch.load(path, map_location=self.accelerator.device,
-                                                         weights_only=True))
+            state = torch.load(path, map_location=device, weights_only=True)
+            if name == "ema":
+                self.ema.load_state_dict(state)
+                self._shard_ema()
+                continue
+            obj = self._unwrap(extra[name])
+            if not self.is_fsdp_enabled:
+                obj.load_state_dict(state)
+            elif isinstance(obj, torch.nn.Module):
+                fsdp.load_state_dict(obj, state)
+            elif isinstance(obj, torch.optim.Optimizer):
+                fsdp.load_optimizer_state(self._optimizer_owner(name, obj, extra), obj, state)
+            else:
+                obj.load_state_dict(state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints and ``save_model`` write the student as a diffusers folder (or a LoRA adapter)."""
+        """Checkpoints and ``save_model`` write the student as a diffusers folder (or a LoRA adapter); under FSDP from
+        the full ``state_dict`` Trainer gathered."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        student = self.student
+        student = self.student if state_dict is None else self._student_from_state(
+            {fsdp.clean_name(k): v for k, v in state_dict.items()})
         if self.peft_config is not None:
             student.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
         else:
@@ -651,20 +835,31 @@ class CausalVideoTrainerBase(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the student of a checkpoint (sharded under FSDP: each process keeps its shard)."""
         student = self.student
         if self.peft_config is not None:
             from peft.utils import set_peft_model_state_dict
 
             adapter = load_file(os.path.join(resume_from_checkpoint, "transformer_lora", "pytorch_lora_weights.safetensors"))
-            set_peft_model_state_dict(student, {k.removeprefix("transformer."): v for k, v in adapter.items()})
+            adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+            if not self.is_fsdp_enabled:
+                set_peft_model_state_dict(student, adapter)
+                return
+            # The model's names of the adapter's tensors carry the adapter name ("lora_A.default.weight").
+            names = {k.replace(".default.", "."): k for k in student.state_dict() if ".default." in k}
+            missing = sorted(set(names) - set(adapter))
+            if missing:
+                raise ValueError(f"Checkpoint {resume_from_checkpoint} lacks LoRA weights: {missing[:3]}...")
+            fsdp.load_state_dict(student, {names[k]: adapter[k] for k in names}, strict=False)
             return
         folder = os.path.join(resume_from_checkpoint, "transformer")
-        student.load_state_dict(load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")))
+        fsdp.load_state_dict(student, load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")))
 
     # ------------------------------------------------------------------ export
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (``checkpoint-*`` folders) hold the raw student for resuming; any other folder (the default
-        ``output_dir``, also before ``push_to_hub``) gets a loadable pipeline and a model card."""
+        ``output_dir``, also before ``push_to_hub``) gets a loadable pipeline and a model card. Under FSDP every
+        process calls it (the weights are gathered)."""
         if output_dir is not None and os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"):
             return super().save_model(output_dir, _internal_call)
         self.save_pipeline(output_dir)
@@ -673,10 +868,17 @@ class CausalVideoTrainerBase(Trainer):
 
     @torch.no_grad()
     def export_transformer(self, use_ema: bool = True) -> CausalWanTransformer3DModel:
-        """A standalone copy of the student: EMA weights when available, a LoRA adapter fused into the weights."""
-        exported = copy.deepcopy(self.student)
+        """A standalone copy of the student: EMA weights when available, a LoRA adapter fused into the weights.
+        Under FSDP the full weights are gathered, so every process calls it (each gets the copy, in host memory)."""
+        return self._export_transformer(use_ema)
+
+    def _export_transformer(self, use_ema: bool, adapter_dir: str | None = None) -> CausalWanTransformer3DModel:
+        exported = self._standalone_student()
+        if adapter_dir is not None and self.is_world_process_zero():
+            exported.save_lora_adapter(adapter_dir)  # the trained adapter itself, before the EMA and the fusion
         if use_ema and self.ema is not None:
-            self.ema.copy_to(self._ema_parameters(exported))
+            for param, shadow in zip(self._ema_parameters(exported), self._ema_full_shadows()):
+                param.data.copy_(shadow.to(param.device))
         if self.peft_config is not None:
             exported.fuse_lora()
             exported.unload_lora()
@@ -684,20 +886,21 @@ class CausalVideoTrainerBase(Trainer):
 
     def save_pipeline(self, output_dir: str | None = None, use_ema: bool = True) -> str:
         """Write a loadable :class:`CausalVideoPipeline` folder (EMA weights when available; LoRA fused, and the
-        adapter itself in ``transformer_lora/``) and a model card."""
+        adapter itself in ``transformer_lora/``) and a model card. Under FSDP every process calls it; the main process
+        writes."""
         output_dir = output_dir or self.args.output_dir
+        adapter_dir = os.path.join(output_dir, "transformer_lora") if self.peft_config is not None else None
+        if not self.is_fsdp_enabled and not self.is_world_process_zero():
+            return output_dir
+        transformer = self._export_transformer(use_ema, adapter_dir)
         if not self.is_world_process_zero():
             return output_dir
         components = dict(self.pipeline.components)
-        components["transformer"] = self.export_transformer(use_ema)
+        components["transformer"] = transformer
         sizes = {k: getattr(self.pipeline.config, k, None) for k in ("sample_height", "sample_width")}
         CausalVideoPipeline(**components, **sizes).save_pretrained(output_dir)
-        if self.peft_config is not None:
-            self.student.save_lora_adapter(os.path.join(output_dir, "transformer_lora"))
         self.create_model_card(output_dir)
         return output_dir
-
-    def model_card_fields(self) -> dict[str, Any]:
         """Method-specific lines of the model card's training section."""
         return {}
 

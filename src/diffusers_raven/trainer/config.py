@@ -34,6 +34,14 @@ class VideoTrainerConfig(TrainingArguments):
         then split, as TRL's GRPO trainer does); default: `gradient_accumulation_steps`, so rollouts are made once per
         optimizer step.
 
+    > Parameters that control the prompt-embedding cache
+
+    prompt_cache_size (`int`, *optional*, defaults to `1024`): text-encoder states kept for at most that many prompts
+        (least recently used out; `None`: no limit, `0`: encode every time). At Wan scale a prompt's states take up to
+        8 MB (512 × 4096 float32; stored without their zero padding).
+    prompt_cache_device (`str`, defaults to `"cpu"`): where the cached states live: `"cpu"` (host memory; copied to
+        the training device per batch) or `"device"` (the training device, e.g. for small models).
+
     > Parameters that control the EMA, evaluation and samples
 
     ema_decay (`float`, *optional*): decay of the EMA of the trained weights (`diffusers.training_utils.EMAModel`
@@ -64,6 +72,13 @@ class VideoTrainerConfig(TrainingArguments):
     # Generation batches
     steps_per_generation: int | None = field(
         default=None, metadata={"help": "Micro-batches per generation batch (default: gradient_accumulation_steps)."}
+    )
+    # Prompt-embedding cache
+    prompt_cache_size: int | None = field(
+        default=1024, metadata={"help": "Prompts whose text states are cached (LRU; None: no limit, 0: none)."}
+    )
+    prompt_cache_device: str = field(
+        default="cpu", metadata={"help": "Where the cached text states live: 'cpu' or 'device' (the training device)."}
     )
     # EMA, evaluation, samples
     ema_decay: float | None = field(default=None, metadata={"help": "EMA decay of the trained weights (None: off)."})
@@ -97,6 +112,15 @@ class VideoTrainerConfig(TrainingArguments):
             self.steps_per_generation = self.gradient_accumulation_steps
         if not isinstance(self.steps_per_generation, int) or self.steps_per_generation < 1:
             raise ValueError(f"`steps_per_generation` must be a positive integer, got {self.steps_per_generation!r}.")
+        if self.prompt_cache_size is not None and (
+            isinstance(self.prompt_cache_size, bool) or not isinstance(self.prompt_cache_size, int)
+            or self.prompt_cache_size < 0
+        ):
+            raise ValueError(
+                f"`prompt_cache_size` must be a non-negative integer or None, got {self.prompt_cache_size!r}."
+            )
+        if self.prompt_cache_device not in ("cpu", "device"):
+            raise ValueError(f"`prompt_cache_device` must be 'cpu' or 'device', got {self.prompt_cache_device!r}.")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must lie in [0, 1) or be None, got {self.ema_decay!r}.")
         if not isinstance(self.ema_start_step, int) or self.ema_start_step < 0:

@@ -142,7 +142,7 @@ class RavenTrainer(CausalVideoTrainerBase):
                 loss = critic_loss(velocity, noise, samples)
             self.accelerator.backward(loss)
             if self.args.critic_max_grad_norm > 0:
-                norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.critic_max_grad_norm)
+                norm = self.clip_gradients(self.critic, self.args.critic_max_grad_norm)
                 self.log_metric("critic/grad_norm", norm)
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)

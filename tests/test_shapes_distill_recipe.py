@@ -149,13 +149,17 @@ def test_bad_configs_fail_before_training(tmp_path, stage_outputs):
                           ({"modes": ["teacher_forcing"]}, "teacher_forcing needs encoded"),
                           ({"modes": ["raven", "raven"]}, "twice"), ({"budget": "flops"}, "budget"),
                           ({"num_frames": 20}, "1 \\+ 4k"), ({"raven_args": {"history": "raven"}}, "set by the recipe"),
-                          ({"raven_args": {"bogus": 1}}, "unknown RavenConfig"), ({"bogus": 1}, "unknown config keys")):
+                          ({"raven_args": {"bogus": 1}}, "unknown RavenConfig"),
+                          ({"bogus": 1}, "unknown keys in the --config file: 'bogus'")):
         with pytest.raises(ValueError, match=match):
             recipe.main(["--config", write_config(tmp_path / "bad.yaml", **stage_outputs, **values),
                          "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="unknown history mode"):  # the --modes override is checked too
-        recipe.main(["--config", write_config(tmp_path / "ok.yaml", **stage_outputs), "--output_dir",
-                     str(tmp_path / "out"), "--modes", "raven", "causvid"])
+    for flags, match in ((["--modes", "raven", "causvid"], "unknown history mode"),  # flags are checked too
+                         (["--raven_args", '{"bogus": 1}'], "unknown RavenConfig"),  # raven_args as JSON
+                         (["--raven_args", "[1, 2]"], "must be a mapping")):
+        with pytest.raises(ValueError, match=match):
+            recipe.main(["--config", write_config(tmp_path / "ok.yaml", **stage_outputs), "--output_dir",
+                         str(tmp_path / "out"), *flags])
     missing = write_config(tmp_path / "missing.yaml", **{**stage_outputs, "student_path": str(tmp_path / "none")})
     with pytest.raises(ValueError, match="student_path="):
         recipe.main(["--config", missing, "--output_dir", str(tmp_path / "out")])

@@ -31,22 +31,22 @@ def test_shapes_text_recipe(tmp_path):
         assert key in on_disk, key
 
 
-def test_recipe_set_overrides_reach_the_config_and_typos_are_named(tmp_path):
-    """``--set key=value`` overrides YAML fields with YAML-typed values (recorded in the metrics file); a misspelt
-    key, a pair without ``=`` and a repeated key are refused with messages that name them."""
+def test_recipe_flags_reach_the_config_and_typos_are_named(tmp_path):
+    """Flags override YAML fields as in TRL's scripts (recorded in the metrics file, command included); a misspelt
+    key in the file or on the command line is refused naming it and the closest field."""
     config = write_config(tmp_path / "text.yaml", d_model=16, d_ff=32, num_two_object_captions=20)
     recipe = load_recipe("shapes_text")
     results = recipe.main(["--config", config, "--output_dir", str(tmp_path / "out"),
-                           "--set", "num_two_object_captions=7", "sample_seed=3"])
+                           "--num_two_object_captions", "7", "--sample_seed", "3"])
     assert results["config"]["num_two_object_captions"] == 7 and results["config"]["sample_seed"] == 3
+    assert results["config"]["d_model"] == 16  # from the file
     assert results["num_two_object_captions_tokenized"] == 7
-    assert "--set num_two_object_captions=7" in results["command"]
-    with pytest.raises(ValueError, match="'sampel_seed' \\(did you mean 'sample_seed'\\?\\)"):
-        recipe.main(["--config", config, "--set", "sampel_seed=3"])
-    with pytest.raises(ValueError, match="KEY=VALUE.*'sample_seed'"):
-        recipe.main(["--config", config, "--set", "sample_seed"])
-    with pytest.raises(ValueError, match="sets 'sample_seed' twice"):
-        recipe.main(["--config", config, "--set", "sample_seed=1", "sample_seed=2"])
+    assert "--num_two_object_captions 7" in results["command"]
+    with pytest.raises(ValueError, match="unknown arguments: '--sampel_seed' \\(did you mean '--sample_seed'\\?\\)"):
+        recipe.main(["--config", config, "--sampel_seed", "3"])
+    typo = write_config(tmp_path / "typo.yaml", d_model=16, sampel_seed=3)
+    with pytest.raises(ValueError, match="--config file: 'sampel_seed' \\(did you mean 'sample_seed'\\?\\)"):
+        recipe.main(["--config", typo])
 
 
 def test_shapes_vae_recipe(tmp_path):

@@ -4,6 +4,11 @@ Diffusion Forcing histories, from the same start and with equal compute (the pap
     python trainers/shapes_distill.py --config trainers/shapes_distill.yaml
     python trainers/shapes_distill.py --config trainers/shapes_distill.yaml --resume        # continue a killed run
     python trainers/shapes_distill.py --config trainers/shapes_distill.yaml --modes raven self_forcing
+    python trainers/shapes_distill.py --config trainers/shapes_distill.yaml --guidance_scale 7 --eval_student false
+
+The configuration is read as TRL's scripts read theirs (``trl.TrlParser``): the YAML ``--config`` sets fields of
+:class:`ShapesDistillConfig`, any field is also a flag (``raven_args`` takes a JSON mapping:
+``--raven_args '{"adam_beta1": 0.0}'``), and a misspelt key fails naming the closest field.
 
 Inputs: the stage 4 student (``student_path``, a ``CausalVideoPipeline`` folder: its tokenizer, text encoder and
 VAE are used as they are) and the stage 3 teacher (``teacher_path``, a bidirectional ``WanTransformer3DModel``: the
@@ -38,7 +43,6 @@ them with ``--resume`` to collect them (nothing is retrained).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -47,6 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import yaml
 
 from diffusers_raven.shapes import (
     caption,
@@ -58,12 +63,8 @@ from diffusers_raven.shapes import (
     sample_scene,
 )
 from diffusers_raven.trainer import HISTORY_MODES, RavenConfig
-from diffusers_raven.utils.recipes import (
-    TrainingTimeBudget,
-    add_override_arguments,
-    load_recipe_config,
-    override_arguments,
-)
+from diffusers_raven.utils.recipe_args import parse_recipe_args
+from diffusers_raven.utils.recipes import TrainingTimeBudget
 
 #: The history modes this recipe compares (``teacher_forcing`` needs encoded data videos, which it does not use).
 DISTILL_MODES = tuple(m for m in HISTORY_MODES if m != "teacher_forcing")
@@ -125,8 +126,8 @@ class ShapesDistillConfig:
     ema_decay: float | None = field(default=0.99, metadata={"help": "generator EMA decay (None disables)"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "generator gradient clipping"})
     critic_max_grad_norm: float = field(default=10.0, metadata={"help": "critic gradient clipping"})
-    raven_args: dict = field(default_factory=dict,
-                             metadata={"help": "further RavenConfig fields, the same for every mode"})
+    raven_args: dict | str | None = field(default_factory=dict, metadata={
+        "help": "further RavenConfig fields, the same for every mode (a mapping; as a flag, JSON)"})
     logging_steps: int = field(default=5, metadata={"help": "loss-curve interval (generator steps)"})
     save_steps: int = field(default=25, metadata={"help": "checkpoint interval (0 disables; resume needs it)"})
     seed: int = field(default=0, metadata={"help": "trainer seed (prompt order and every random draw)"})
@@ -170,6 +171,13 @@ class ShapesDistillConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) or null")
+        if self.raven_args is None:
+            self.raven_args = {}
+        if isinstance(self.raven_args, str):  # a flag: JSON (or YAML) text
+            try:
+                self.raven_args = yaml.safe_load(self.raven_args)
+            except yaml.YAMLError as error:
+                raise ValueError(f"raven_args={self.raven_args!r} is not a JSON mapping ({error})") from error
         if not isinstance(self.raven_args, dict):
             raise ValueError(f"raven_args={self.raven_args!r} must be a mapping of RavenConfig fields")
         known = {f.name for f in fields(RavenConfig)}
@@ -189,8 +197,17 @@ class ShapesDistillConfig:
                                               "height", "width", "max_sequence_length")}
 
 
-def load_config(path: str, overrides: dict | None = None) -> ShapesDistillConfig:
-    return load_recipe_config(path, ShapesDistillConfig, overrides)
+@dataclass
+class ShapesDistillScriptArguments:
+    """What the command line adds to the config."""
+
+    resume: bool = field(default=False, metadata={
+        "help": "continue a killed run: skip finished modes, resume the unfinished one"})
+
+
+def load_config(path: str, *flags: str) -> ShapesDistillConfig:
+    """The config of the YAML file ``path`` with ``flags`` (``"--modes", "raven"``) on top."""
+    return parse_recipe_args((ShapesDistillConfig, ShapesDistillScriptArguments), ["--config", path, *flags])[0]
 
 
 def check_inputs(config: ShapesDistillConfig) -> None:
@@ -437,17 +454,7 @@ def _fingerprint(folder: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with ShapesDistillConfig fields")
-    add_override_arguments(parser)
-    parser.add_argument("--modes", nargs="+", default=None, help=f"overrides modes of the config ({DISTILL_MODES})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a killed run: skip finished modes, resume the unfinished one")
-    cli = parser.parse_args(argv)
-    overrides = override_arguments(cli)
-    if cli.modes is not None:
-        overrides["modes"] = cli.modes
-    config = load_config(cli.config, overrides)
+    config, cli = parse_recipe_args((ShapesDistillConfig, ShapesDistillScriptArguments), argv, description=__doc__)
     command = " ".join(["python", "trainers/shapes_distill.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # fail now rather than after the training
         import matplotlib  # noqa: F401

@@ -2,6 +2,10 @@
 
     python trainers/shapes_student.py --config trainers/shapes_student.yaml
     python trainers/shapes_student.py --config trainers/shapes_student.yaml --resume last   # continue a run
+    python trainers/shapes_student.py --config trainers/shapes_student.yaml --teacher_path out/t2/teacher --max_steps 600
+
+The configuration is read as TRL's scripts read theirs (``trl.TrlParser``): the YAML ``--config`` sets fields of
+:class:`ShapesStudentConfig`, any field is also a flag, and a misspelt key fails naming the closest field.
 
 Inputs: the stage 1 text stack (``tokenizer/``, ``text_encoder/``), the stage 2 VAE (``vae/``) and the stage 3 teacher
 (``teacher/``, a ``WanTransformer3DModel``).
@@ -30,7 +34,6 @@ Outputs in ``output_dir``: ``student/`` (a ``CausalVideoPipeline`` folder, EMA w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -63,7 +66,7 @@ from diffusers_raven.shapes import (
     summarize_scores,
 )
 from diffusers_raven.trainer import build_ode_dataset
-from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
+from diffusers_raven.utils.recipe_args import parse_recipe_args
 
 PAIR_SETTINGS = ("num_ode_pairs", "ode_seed", "ode_num_steps", "ode_guidance_scale", "num_frames", "height", "width",
                  "max_sequence_length", "teacher_path")
@@ -152,8 +155,16 @@ class ShapesStudentConfig:
             raise ValueError("save_steps and warmup_steps must be >= 0")
 
 
-def load_config(path: str, overrides: dict | None = None) -> ShapesStudentConfig:
-    return load_recipe_config(path, ShapesStudentConfig, overrides)
+@dataclass
+class ShapesStudentScriptArguments:
+    """What the command line adds to the config."""
+
+    resume: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'last' for the newest one"})
+
+
+def load_config(path: str, *flags: str) -> ShapesStudentConfig:
+    """The config of the YAML file ``path`` with ``flags`` (``"--max_steps", "600"``) on top."""
+    return parse_recipe_args((ShapesStudentConfig, ShapesStudentScriptArguments), ["--config", path, *flags])[0]
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -258,12 +269,7 @@ def evaluate_both_lengths(pipe, captions, config, max_sequence_length, long_fram
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with ShapesStudentConfig fields")
-    add_override_arguments(parser)
-    parser.add_argument("--resume", default=None, help="a checkpoint folder, or 'last' for the newest one")
-    cli = parser.parse_args(argv)
-    config = load_config(cli.config, override_arguments(cli))
+    config, cli = parse_recipe_args((ShapesStudentConfig, ShapesStudentScriptArguments), argv, description=__doc__)
     command = " ".join(["python", "trainers/shapes_student.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     os.makedirs(config.output_dir, exist_ok=True)

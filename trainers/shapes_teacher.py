@@ -3,6 +3,11 @@
     python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml
     python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml --resume last   # continue a run
     torchrun --nproc_per_node 2 trainers/shapes_teacher.py --config ...                     # two CPU processes
+    python trainers/shapes_teacher.py --config trainers/shapes_teacher.yaml --compile --learning_rate 1e-3
+
+The configuration is read as TRL's scripts read theirs (``trl.TrlParser``): the YAML ``--config`` sets fields of
+:class:`ShapesTeacherConfig`, any field is also a flag (``--vae_path out/vae4x/vae --patch_size 4``), and a misspelt
+key fails naming the closest field.
 
 Inputs: the frozen text stack of stage 1 (``tokenizer/``, ``text_encoder/``) and the VAE of stage 2 (``vae/``, with
 ``latents_mean``/``latents_std`` set). The transformer's ``in_channels`` and ``text_dim`` are read from them.
@@ -67,7 +72,6 @@ Outputs in ``output_dir``: ``teacher/`` (``WanTransformer3DModel.save_pretrained
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -88,10 +92,8 @@ from diffusers_raven.pipelines.vae_streaming import denormalize_latents, normali
 from diffusers_raven.shapes import EDITABLE_ATTRIBUTES, caption, edit_scene, evaluate_batch, render_video, sample_scene
 from diffusers_raven.shapes.sensitivity import caption_loss_gaps, summarize_gaps
 from diffusers_raven.training import flow_matching_loss, teacher_ode_trajectory
+from diffusers_raven.utils.recipe_args import parse_recipe_args
 from diffusers_raven.utils.recipes import (
-    add_override_arguments,
-    load_recipe_config,
-    override_arguments,
     portable_checkpoints,
     resolve_checkpoint,
     resume_training,
@@ -174,7 +176,7 @@ class ShapesTeacherConfig:
     eval_shift: float = field(default=5.0, metadata={"help": "shift of the sampler's sigma grid (METHOD §0)"})
     eval_guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance of the sampler"})
     eval_batch_size: int = field(default=8, metadata={"help": "videos per sampler batch"})
-    eval_sensitivity_sigmas: list = field(
+    eval_sensitivity_sigmas: list[float] = field(
         default_factory=lambda: [0.9, 0.7, 0.5, 0.3],
         metadata={"help": "noise levels of the caption sensitivity recorded at each evaluation ([]: none)"})
     # outputs
@@ -222,8 +224,20 @@ class ShapesTeacherConfig:
             raise ValueError("eval_every_steps, checkpoint_every_steps and warmup_steps must be >= 0")
 
 
-def load_config(path: str, overrides: dict | None = None) -> ShapesTeacherConfig:
-    return load_recipe_config(path, ShapesTeacherConfig, overrides)
+@dataclass
+class ShapesTeacherScriptArguments:
+    """What the command line adds to the config."""
+
+    resume: str | None = field(default=None, metadata={"help": "a checkpoint folder (<output_dir>/teacher_checkpoints/"
+                                                               "checkpoint-<step>), or 'last' for <output_dir>'s newest"})
+    export_ema: str | None = field(default=None, metadata={
+        "help": "do not train: save the EMA model of the checkpoint (--resume, default 'last') to this folder (e.g. to "
+                "score a running stage with shapes_eval_chain.py)"})
+
+
+def load_config(path: str, *flags: str) -> ShapesTeacherConfig:
+    """The config of the YAML file ``path`` with ``flags`` (``"--learning_rate", "1e-3"``) on top."""
+    return parse_recipe_args((ShapesTeacherConfig, ShapesTeacherScriptArguments), ["--config", path, *flags])[0]
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -527,16 +541,7 @@ def export_ema(resume: str, config: ShapesTeacherConfig, folder: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with ShapesTeacherConfig fields")
-    add_override_arguments(parser)
-    parser.add_argument("--resume", default=None, help="a checkpoint folder (<output_dir>/teacher_checkpoints/"
-                                                       "checkpoint-<step>), or 'last' for <output_dir>'s newest")
-    parser.add_argument("--export_ema", default=None, metavar="FOLDER",
-                        help="do not train: save the EMA model of the checkpoint (--resume, default 'last') to FOLDER "
-                             "(e.g. to score a running stage with shapes_eval_chain.py)")
-    cli = parser.parse_args(argv)
-    config = load_config(cli.config, override_arguments(cli))
+    config, cli = parse_recipe_args((ShapesTeacherConfig, ShapesTeacherScriptArguments), argv, description=__doc__)
     if cli.export_ema is not None:
         return export_ema(cli.resume or "last", config, cli.export_ema)
     _, world_size = distributed_world()

@@ -1,6 +1,10 @@
 """ShapesWorld model chain, stage 1: the word tokenizer and a frozen, randomly initialised UMT5 text encoder.
 
     python trainers/shapes_text.py --config trainers/shapes_text.yaml
+    python trainers/shapes_text.py --config trainers/shapes_text.yaml --d_model 32 --output_dir out/text32
+
+The configuration is read as TRL's scripts read theirs (``trl.TrlParser``): the YAML ``--config`` sets fields of
+:class:`ShapesTextConfig`, any field is also a flag, and a misspelt key fails naming the closest field.
 
 The tokenizer's vocabulary is the world's ``vocabulary()`` plus every word of the one-object captions, so no caption
 tokenizes to ``<unk>``; this is checked and recorded for every distinct word of all one- and two-object captions,
@@ -16,7 +20,6 @@ Outputs in ``output_dir``: ``tokenizer/`` and ``text_encoder/`` (``save_pretrain
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,13 +31,13 @@ import torch
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from diffusers_raven.shapes import all_captions, vocabulary
-from diffusers_raven.utils.recipes import add_override_arguments, load_recipe_config, override_arguments
+from diffusers_raven.utils.recipe_args import parse_recipe_args
 from diffusers_raven.utils.tiny import UNK_TOKEN, build_word_tokenizer, tiny_text_encoder
 
 
 @dataclass
 class ShapesTextConfig:
-    """Configuration of the ShapesWorld text recipe (every field can be set in the YAML file).
+    """Configuration of the ShapesWorld text recipe (every field can be set in the YAML file or as a flag).
 
     Parameters that control the model: ``d_model``, ``num_layers``, ``num_heads``, ``d_ff``, ``model_seed``.
     Parameters that control the sanity figures: ``num_two_object_captions``, ``sample_seed``, ``batch_size``.
@@ -54,8 +57,9 @@ class ShapesTextConfig:
     num_threads: int = field(default=2, metadata={"help": "torch CPU threads"})
 
 
-def load_config(path: str, overrides: dict | None = None) -> ShapesTextConfig:
-    return load_recipe_config(path, ShapesTextConfig, overrides)
+def load_config(path: str, *flags: str) -> ShapesTextConfig:
+    """The config of the YAML file ``path`` with ``flags`` (``"--d_model", "32"``) on top."""
+    return parse_recipe_args((ShapesTextConfig,), ["--config", path, *flags])[0]
 
 
 @torch.no_grad()
@@ -89,11 +93,7 @@ def closest_pair(embeddings: torch.Tensor) -> tuple[float, int, int, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with ShapesTextConfig fields")
-    add_override_arguments(parser)
-    cli = parser.parse_args(argv)
-    config = load_config(cli.config, override_arguments(cli))
+    (config,) = parse_recipe_args((ShapesTextConfig,), argv, description=__doc__)
     command = " ".join(["python", "trainers/shapes_text.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(config.num_threads)
     start = time.perf_counter()

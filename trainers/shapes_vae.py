@@ -2,6 +2,11 @@
 
     python trainers/shapes_vae.py --config trainers/shapes_vae.yaml
     python trainers/shapes_vae.py --config trainers/shapes_vae.yaml --resume last   # continue a run
+    python trainers/shapes_vae.py --config trainers/shapes_vae.yaml --learning_rate 3e-4 --output_dir out/vae_lr3e4
+
+The configuration is read as TRL's scripts read theirs (``trl.TrlParser``): the YAML ``--config`` sets fields of
+:class:`ShapesVAEConfig`, any field is also a flag (``--dim_mult 1 2 2``, ``--patch_size null``), and a misspelt
+key fails naming the closest field.
 
 Every step renders fresh clips from new scene seeds (rendering is cheap next to the VAE), takes a random spatial
 crop of each (the VAE is convolutional, so crops cut the cost per step and it still encodes whole 64x64 frames), and
@@ -41,7 +46,6 @@ the command) and ``vae_reconstruction.png`` (held-out clips: rows alternate orig
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -58,10 +62,8 @@ from transformers import get_scheduler
 
 from diffusers_raven.pipelines.vae_streaming import StreamingVAEDecoder, normalize_latents
 from diffusers_raven.shapes import render_video, sample_scene
+from diffusers_raven.utils.recipe_args import parse_recipe_args
 from diffusers_raven.utils.recipes import (
-    add_override_arguments,
-    load_recipe_config,
-    override_arguments,
     resume_training,
     save_checkpoint,
     schedule_position,
@@ -164,8 +166,17 @@ class ShapesVAEConfig:
             raise ValueError(f"time_budget_minutes={self.time_budget_minutes} must be positive")
 
 
-def load_config(path: str, overrides: dict | None = None) -> ShapesVAEConfig:
-    return load_recipe_config(path, ShapesVAEConfig, overrides)
+@dataclass
+class ShapesVAEScriptArguments:
+    """What the command line adds to the config."""
+
+    resume: str | None = field(default=None, metadata={"help": "a checkpoint folder (<output_dir>/vae_checkpoints/"
+                                                               "checkpoint-<step>), or 'last' for <output_dir>'s newest"})
+
+
+def load_config(path: str, *flags: str) -> ShapesVAEConfig:
+    """The config of the YAML file ``path`` with ``flags`` (``"--learning_rate", "3e-4"``) on top."""
+    return parse_recipe_args((ShapesVAEConfig, ShapesVAEScriptArguments), ["--config", path, *flags])[0]
 
 
 def build_vae(config: ShapesVAEConfig) -> AutoencoderKLWan:
@@ -328,13 +339,7 @@ class TrainingProgress:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with ShapesVAEConfig fields")
-    add_override_arguments(parser)
-    parser.add_argument("--resume", default=None, help="a checkpoint folder (<output_dir>/vae_checkpoints/"
-                                                       "checkpoint-<step>), or 'last' for <output_dir>'s newest")
-    cli = parser.parse_args(argv)
-    config = load_config(cli.config, override_arguments(cli))
+    config, cli = parse_recipe_args((ShapesVAEConfig, ShapesVAEScriptArguments), argv, description=__doc__)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         raise ValueError(f"shapes_vae.py trains in one process; it was launched as {processes} (WORLD_SIZE): run it "

@@ -72,14 +72,16 @@ def test_shapes_grpo_refuses_unknown_keys(tmp_path, tiny_model):
 
 
 def test_reward_plot_and_window_summary(tmp_path):
-    """trainers/shapes_rl_plot.py: one PNG for several runs, and first/last-window means checked by hand."""
+    """trainers/shapes_rl_plot.py: one PNG for several runs (CM-GRPO and KVPO results files), and first/last-window
+    means checked by hand."""
     plot = load_recipe("shapes_rl_plot")
     folders = []
     for label, slope in (("a", 0.01), ("b", -0.02)):
         curve = [{"step": i, "train_seconds": 60.0 * i, "reward": 0.5 + slope * i,
                   "rewards/semantic_reward/mean": 0.4 + slope * i} for i in range(1, 31)]
         (tmp_path / label).mkdir()
-        (tmp_path / label / "grpo_results.json").write_text(
+        results_file = "grpo_results.json" if label == "a" else "kvpo_results.json"  # a CM-GRPO and a KVPO run
+        (tmp_path / label / results_file).write_text(
             json.dumps({"steps": 30, "train_seconds": 1800.0, "config": {"sampler": label}, "reward_curve": curve}))
         folders.append(f"{label}={tmp_path / label}")
     png, summary = tmp_path / "curves.png", tmp_path / "curves.json"

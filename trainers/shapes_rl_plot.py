@@ -1,13 +1,15 @@
-"""Reward against training time for RL runs of ``trainers/shapes_grpo.py``: one plot, one curve per run.
+"""Reward against training time for RL runs of ``trainers/shapes_grpo.py`` and ``trainers/shapes_kvpo.py``: one
+plot, one curve per run.
 
     python trainers/shapes_rl_plot.py --run cmgrpo=out/grpo/consistency --run flowgrpo=out/grpo/sde \
         --output docs/images/shapes_rl_reward.png --summary docs/results/shapes_rl_curves.json
 
-Each run's ``grpo_results.json`` holds the logged reward against training time (``reward_curve``: one point per
+Each run's ``grpo_results.json`` (or ``kvpo_results.json``) holds the logged reward against training time (``reward_curve``: one point per
 logging interval). The plot shows, for every reward function and for the weighted sum (``reward``), a moving
 average over ``--smooth_minutes`` of training time against training minutes. The summary JSON gives per run and per
 metric the mean over the first and the last ``--window_minutes`` of training and their difference with its
-standard error (the logged points of a window treated as independent).
+standard error (the logged points of a window treated as independent). A KVPO run's rewards are those of its
+anchor and branches at its own video length (93 frames in the recipe), a CM-GRPO run's those of its rollouts.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import sys
 
 import numpy as np
 
+RESULT_FILES = ("grpo_results.json", "kvpo_results.json")
+
 
 def load_curve(folder: str) -> tuple[list[dict], dict]:
-    path = os.path.join(folder, "grpo_results.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--run: {path} does not exist (run trainers/shapes_grpo.py first)")
+    candidates = [os.path.join(folder, name) for name in RESULT_FILES]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        raise SystemExit(f"--run: {folder} holds none of {', '.join(RESULT_FILES)} (run trainers/shapes_grpo.py "
+                         "or trainers/shapes_kvpo.py first)")
     with open(path) as f:
         results = json.load(f)
     curve = results.get("reward_curve") or []

@@ -177,3 +177,21 @@ def test_scores_follow_the_frames(recipe):
     ratios = [c["object_area_ratio"] for c in recipe.score_video(swollen, scene, [9, 12], block=7)["chunks"]]
     assert ratios[3] == pytest.approx(4.0, rel=0.05)
     assert all(r == pytest.approx(1.0, abs=0.01) for k, r in enumerate(ratios) if k != 3)
+
+
+def test_range_table(recipe, tmp_path):
+    """--table: frame-range means of a report (a chunk counted in the range of its first frame), checked by hand."""
+    starts = list(range(0, 3000, 12))
+    semantic = [0.5 + 0.001 * i for i in range(len(starts))]
+    cols = {"chunk": list(range(len(starts))), "start": starts, "end": [s + 12 for s in starts],
+            "semantic_accuracy": semantic, "largest_area_ratio": [None] * len(starts)}
+    report = {"models": {"m": {"mean": cols, "mean_over": 3, "prompts": {"example": {"chunks": cols}}}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    table = recipe.main(["--table", "--output", str(path)])["table"]
+    rows = [line for line in table.splitlines() if line.startswith("| m | mean of 3 | semantic")]
+    expected = [np.mean([v for s, v in zip(starts, semantic) if a <= s <= b]) for a, b in
+                ((0, 20), (21, 499), (500, 999), (1000, 1999), (2000, 10**9))]
+    assert rows and [float(c) for c in rows[0].split("|")[4:9]] == pytest.approx(expected, abs=5e-4)
+    assert "2000–3011" in table.splitlines()[0]
+    assert "| m | mean of 3 | largest object / scene's largest | – | – | – | – | – |" in table  # no values: dashes

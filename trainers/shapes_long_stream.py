@@ -515,6 +515,39 @@ def fmt(v, digits=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+TABLE_RANGES = ((0, 20), (21, 499), (500, 999), (1000, 1999), (2000, None))
+TABLE_ROWS = (("mean", "semantic_accuracy", "semantic accuracy", 3),
+              ("example", "semantic_accuracy", "semantic accuracy", 3),
+              ("mean", "largest_area_ratio", "largest object / scene's largest", 2),
+              ("example", "largest_area_ratio", "largest object / scene's largest", 2),
+              ("example_as_typed", "largest_area_ratio", "largest object / scene's largest", 2),
+              ("example", "background_fraction", "frame on the caption's background", 2),
+              ("example_as_typed", "background_fraction", "frame on the caption's background", 2),
+              ("mean", "psnr_placed", "PSNR, caption's scene at detected positions (dB)", 1))
+PROMPT_LABELS = {"mean": "mean of 4", "example": "example", "example_as_typed": "as typed"}
+
+
+def range_table(report: dict[str, Any]) -> str:
+    """Markdown table of per-chunk scores averaged over frame ranges (a chunk belongs to the range holding its first
+    frame), per model, for the mean over the scored captions and for the example prompts."""
+    lines = []
+    for prompt, metric, label, digits in TABLE_ROWS:
+        for name, entry in report["models"].items():
+            cols = entry["mean"] if prompt == "mean" else entry["prompts"].get(prompt, {}).get("chunks")
+            if not cols or metric not in cols:
+                continue
+            cells = []
+            for first, last in TABLE_RANGES:
+                vals = [v for start, v in zip(cols["start"], cols[metric])
+                        if v is not None and start >= first and (last is None or start <= last)]
+                cells.append(f"{np.mean(vals):.{digits}f}" if vals else "–")
+            what = PROMPT_LABELS[prompt].replace("4", str(entry.get("mean_over", 4)))
+            lines.append(f"| {name} | {what} | {label} | " + " | ".join(cells) + " |")
+    last_frame = max(e["mean"]["end"][-1] for e in report["models"].values())
+    head = " | ".join(f"{a}–{b if b is not None else last_frame - 1}" for a, b in TABLE_RANGES)
+    return f"| model | prompt | metric | {head} |\n|---|---|---|" + "---|" * len(TABLE_RANGES) + "\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="append", default=[],
@@ -541,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--replot", action="store_true",
                         help="no streaming: recompute onsets and means of an existing --output (e.g. with another "
                              "--smooth) and redraw the figures")
+    parser.add_argument("--table", action="store_true",
+                        help="no streaming: print the frame-range means of an existing --output as a Markdown table")
     parser.add_argument("--output", required=True, help="JSON file")
     parser.add_argument("--plot", default=None, help="PNG of the per-chunk scores")
     parser.add_argument("--frames_plot", default=None, help="PNG strip of the example frames")
@@ -548,6 +583,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.latent_frames < 1 or args.captions < 0 or min(args.smooth, args.plot_smooth, args.detect_block) < 1:
         raise SystemExit("--latent_frames, --smooth, --plot_smooth and --detect_block must be positive and "
                          "--captions >= 0")
+    if args.table:
+        if not os.path.isfile(args.output):
+            raise SystemExit(f"--table: {args.output} does not exist")
+        with open(args.output) as f:
+            table = range_table(json.load(f))
+        print(table)
+        return {"table": table}
     if args.replot:
         if args.pipeline or args.append:
             raise SystemExit("--replot redraws an existing --output: no --pipeline, no --append")

@@ -21,7 +21,10 @@ class KVPOConfig(VideoTrainerConfig):
     of [`~transformers.TrainingArguments`]. Defaults are those of KVPO's reference code unless noted. LoRA (the
     trainer's `peft_config`) is the documented default, and then the initial policy of the KL term is the model with
     its adapter disabled. A row of the dataset is one prompt: its `num_branches` routed branches and its anchor are
-    rolled out, scored and trained on one process (`per_device_train_batch_size` counts prompts).
+    rolled out, scored and trained on one process (`per_device_train_batch_size` counts prompts). A row may instead
+    be a prompt schedule (`prompt` a list of prompts, `switch_frames` the output frames at which the next one takes
+    over, as the pipeline's arguments): rollouts switch prompt as the pipeline does (LongLive re-cache), forks are
+    drawn where no switch falls inside the routed stretch, and each segment is scored against its own prompt.
 
     > Parameters that control the branches (METHOD §2, §7)
 

@@ -18,16 +18,26 @@ KVPO explores without injecting noise. For each prompt (one row of the dataset):
 
 One prompt's branches and anchor stay on one process (its advantages need no gather; the processes train on
 different prompts and DDP averages their gradients).
+
+A row may also carry a **prompt schedule** (the long-video multi-prompt setting): ``prompt`` a list of prompts and
+``switch_frames`` the output frames at which the next one takes over, as the pipeline's own arguments. Anchor and
+branches then run the pipeline's chunk loop with its prompt switch (the LongLive re-cache of the visible frames under
+the new prompt, METHOD §2), every segment of a video is scored against its own prompt, and the replay uses the
+schedule (see :meth:`KVPOTrainer.replay_velocity`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..models.kv_cache import visible_history
+from ..pipelines.chunk_sampler import CacheDenoiser, ChunkTrajectory
 from ..training.kvpo import (
     anchor_advantages,
     branch_plans,
@@ -49,7 +59,26 @@ KVPO_CITATION = """@article{kvpo2026,
 }"""
 
 #: Columns of a generation batch that are not dataset columns for the reward functions.
-_INTERNAL_COLUMNS = ("prompt", "prompt_embeds", "sample_index")
+_INTERNAL_COLUMNS = ("prompt", "prompt_embeds", "sample_index", "switch_frames")
+
+
+@dataclass(frozen=True)
+class PromptSchedule:
+    """The prompts of one dataset row: ``prompts[i + 1]`` takes over at chunk ``switch_chunks[i]``, the first chunk
+    that starts at or after output frame ``switch_frames[i]`` (the pipeline's ``switch_frames``). One prompt and no
+    switch for a row whose ``prompt`` is a string."""
+
+    prompts: tuple[str, ...]
+    switch_chunks: tuple[int, ...] = ()
+
+    def prompt_index(self, chunk: int) -> int:
+        """Index of the prompt in effect at ``chunk``."""
+        return sum(1 for s in self.switch_chunks if s <= chunk)
+
+    def segments(self, num_chunks: int) -> list[tuple[int, int, int]]:
+        """``(prompt index, first chunk, end chunk)`` of every segment of a ``num_chunks``-chunk video."""
+        bounds = [0, *self.switch_chunks, num_chunks]
+        return [(i, bounds[i], bounds[i + 1]) for i in range(len(self.prompts))]
 
 
 class _PolicyWeights:
@@ -77,7 +106,10 @@ class KVPOTrainer(CausalVideoTrainerBase):
             `local_reward_weights`).
         args: a [`KVPOConfig`].
         train_dataset: a `datasets.Dataset` with a `prompt` column; one row = one prompt = one group of branches.
-        eval_dataset: prompts whose videos `evaluate()` scores with the same reward functions.
+            A row may be a prompt schedule instead: `prompt` a list of prompts and a `switch_frames` column (the
+            output frames at which the next prompt takes over, as the pipeline's `switch_frames`); its segments are
+            scored against their own prompts.
+        eval_dataset: prompts whose videos `evaluate()` scores with the same reward functions (one prompt a row).
         ref_model: the initial policy of the KL term when training all weights (default: a frozen copy of the start);
             with `peft_config` it is the model with its adapter disabled.
         peft_config: train a LoRA adapter (the documented default for RL).
@@ -105,6 +137,7 @@ class KVPOTrainer(CausalVideoTrainerBase):
                 "reward functions."
             )
         self._check_geometry(args)
+        self._check_schedules(train_dataset, eval_dataset)
         ones = [1.0] * len(self.reward_funcs)
         self.global_weights = torch.tensor(args.reward_weights or ones, dtype=torch.float64)
         self.local_weights = torch.tensor(args.local_reward_weights or ones, dtype=torch.float64)
@@ -112,14 +145,23 @@ class KVPOTrainer(CausalVideoTrainerBase):
         self._old_policy = _PolicyWeights() if args.old_policy_sync_every > 1 else None
 
     # ------------------------------------------------------------------ set-up
-    def routable_frame_count(self, fork_chunk: int) -> int:
+    def routable_frame_count(self, fork_chunk: int, last_switch: int | None = None) -> int:
         """How many frames the branch plans can choose from at ``fork_chunk`` (what ``KVCache.routable_frames``
-        returns there): the held frames that are neither sinks nor among the ``recent_frames`` most recent."""
+        returns there): the held frames that are neither sinks nor among the ``recent_frames`` most recent.
+
+        ``last_switch``: the last chunk ``≤ fork_chunk`` at which a prompt schedule switched. The re-cache of a switch
+        rebuilds only the frames the chunk sees (the sinks and the ``window_frames - sink_frames - chunk`` most recent
+        frames of a windowed cache), so the pool starts again from those."""
         args, chunk = self.args, self.pipeline.chunk_frames
         written = fork_chunk * chunk
         held = written
         if args.window_frames is not None:
-            held = max(0, min(written - args.sink_frames, args.pool_frames - args.sink_frames))
+            sinks, pool = args.sink_frames, args.pool_frames
+            if last_switch is None:
+                held = max(0, min(written - sinks, pool - sinks))
+            else:
+                kept = max(0, min(args.window_frames - sinks - chunk, last_switch * chunk - sinks))
+                held = max(0, min(kept + (fork_chunk - last_switch) * chunk, pool - sinks))
         return max(0, held - (args.recent_frames - chunk))
 
     def _check_geometry(self, args: KVPOConfig) -> None:
@@ -172,6 +214,92 @@ class KVPOTrainer(CausalVideoTrainerBase):
                 "fewer branches, a larger `pool_frames`, a later fork or longer videos."
             )
 
+    def allowed_forks(self, schedule: PromptSchedule) -> list[int]:
+        """The forks of ``[fork_start_chunk, fork_end_chunk]`` a row with ``schedule`` may draw: those whose routed
+        stretch has no switch after its first chunk (a re-cache would drop the frames the branches are routed to) and
+        whose pool, after the last switch, holds enough routable frames for ``num_branches`` distinct plans."""
+        args = self.args
+        needed = max(args.num_branches, args.selected_frames)
+        forks = []
+        for fork in range(self.fork_start_chunk, self.fork_end_chunk + 1):
+            if any(fork < s < fork + args.routed_chunks for s in schedule.switch_chunks):
+                continue
+            last = max((s for s in schedule.switch_chunks if s <= fork), default=None)
+            if self.routable_frame_count(fork, last) >= needed:
+                forks.append(fork)
+        return forks
+
+    def prompt_schedule(self, prompt, switch_frames=None) -> PromptSchedule:
+        """The :class:`PromptSchedule` of a dataset row (``prompt``: a string, or a list of prompts with
+        ``switch_frames``, the output frames at which the next one takes over). Bad schedules raise a ``ValueError``
+        naming the column."""
+        if isinstance(prompt, str):
+            if switch_frames:
+                raise ValueError(
+                    f"`switch_frames` ({list(switch_frames)}) needs a prompt schedule: `prompt` must then be a list of "
+                    f"{len(switch_frames) + 1} prompts, one per segment; got the single prompt {prompt!r}."
+                )
+            return PromptSchedule((prompt,))
+        if not isinstance(prompt, (list, tuple)) or not prompt or any(
+            not isinstance(p, str) or not p.strip() for p in prompt
+        ):
+            raise ValueError(f"`prompt` must be a non-empty text or a list of non-empty texts, got {prompt!r}.")
+        if switch_frames is None:
+            raise ValueError(
+                f"A row whose `prompt` is a list of {len(prompt)} prompts needs a `switch_frames` column: the "
+                f"{len(prompt) - 1} output frames at which the next prompt takes over."
+            )
+        frames = list(switch_frames)
+        if len(frames) != len(prompt) - 1:
+            raise ValueError(
+                f"`switch_frames` ({frames}) must hold one frame per switch: {len(prompt) - 1} for the {len(prompt)} "
+                "prompts of `prompt`."
+            )
+        if any(isinstance(f, bool) or not isinstance(f, int) for f in frames) or frames != sorted(set(frames)):
+            raise ValueError(f"`switch_frames` must be strictly increasing integers, got {frames}.")
+        if frames and (frames[0] <= 0 or frames[-1] >= self.args.num_frames):
+            raise ValueError(
+                f"`switch_frames` ({frames}) must lie in [1, {self.args.num_frames - 1}]: output frames of the "
+                f"{self.args.num_frames}-frame training video."
+            )
+        chunks = [self.pipeline._first_chunk_from(f) for f in frames]
+        for i in range(1, len(chunks)):
+            if chunks[i] == chunks[i - 1]:
+                raise ValueError(
+                    f"`switch_frames` {frames[i - 1]} and {frames[i]} take effect at the same chunk ({chunks[i]}): the "
+                    "prompt between them would never be used."
+                )
+        if chunks and chunks[-1] >= len(self.chunk_sizes):
+            raise ValueError(
+                f"`switch_frames` {frames[-1]} falls inside the last chunk: a switch takes effect at the first chunk "
+                "starting at or after its frame, and none does."
+            )
+        schedule = PromptSchedule(tuple(prompt), tuple(chunks))
+        if not self.allowed_forks(schedule):
+            raise ValueError(
+                f"`switch_frames` ({frames}, chunks {chunks}) leave no fork in [{self.fork_start_chunk}, "
+                f"{self.fork_end_chunk}]: every routed stretch of `routed_chunks` ({self.args.routed_chunks}) chunks "
+                "either has a switch after its first chunk, or starts too soon after a switch for `num_branches` "
+                f"({self.args.num_branches}) distinct plans (the re-cache keeps only the frames the window shows)."
+            )
+        return schedule
+
+    def _check_schedules(self, train_dataset, eval_dataset) -> None:
+        """Every row's schedule (bad ones fail here, before any rollout); `eval_dataset` has one prompt a row."""
+        prompts = train_dataset["prompt"]
+        if "switch_frames" in train_dataset.column_names:
+            switches = train_dataset["switch_frames"]
+        else:
+            switches = [None] * len(prompts)
+        for prompt, switch_frames in zip(prompts, switches):
+            self.prompt_schedule(prompt, switch_frames)
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            if any(not isinstance(p, str) for p in eval_dataset["prompt"]):
+                raise ValueError(
+                    "`eval_dataset` must have one prompt (a string) a row: `evaluate()` generates one video per "
+                    "prompt; prompt schedules are for training."
+                )
+
     def model_card_fields(self) -> dict:
         args = self.args
         return {
@@ -192,39 +320,45 @@ class KVPOTrainer(CausalVideoTrainerBase):
         }
 
     # ------------------------------------------------------------------ rollouts
+    def _draw_fork(self, schedule: PromptSchedule, key: str) -> int:
+        generator = self._seeded(f"{key}/fork")
+        if not schedule.switch_chunks:
+            return int(torch.randint(self.fork_start_chunk, self.fork_end_chunk + 1, (1,), generator=generator))
+        forks = self.allowed_forks(schedule)
+        return forks[int(torch.randint(len(forks), (1,), generator=generator))]
+
     @torch.no_grad()
-    def rollout_group(self, text: torch.Tensor, sample: int) -> dict[str, Any]:
-        """The anchor and the branches of one prompt (``text`` ``[1, L, D]``, ``sample`` its ``sample_index``).
+    def rollout_group(self, text: torch.Tensor, sample: int, schedule: PromptSchedule | None = None) -> dict[str, Any]:
+        """The anchor and the branches of one prompt (``text`` ``[1, L, D]``, or one row per prompt of ``schedule``;
+        ``sample`` its ``sample_index``).
 
         Returns ``record`` (a :class:`RolloutRecord` of ``G + 1`` rows: the branches, then the anchor), ``fork`` (the
         first routed chunk) and ``plans`` (``[G, n]`` the older frames of each branch)."""
-        args, chunk = self.args, self.pipeline.chunk_frames
+        args = self.args
+        schedule = schedule or PromptSchedule(("",))
         key = f"{self._generation}/{sample}"
-        fork = int(torch.randint(self.fork_start_chunk, self.fork_end_chunk + 1, (1,),
-                                 generator=self._seeded(f"{key}/fork")))
+        fork = self._draw_fork(schedule, key)
         channels, frames, h, w = self.latent_shape
         latents = torch.randn((1, channels, frames, h, w), generator=self._seeded(f"{key}/initial_noise"))
         latents = latents.to(self.accelerator.device, self.student.dtype)
-        generator = self._seeded(f"{key}/rollout")
         cache = self.new_kv_cache(1, args.pool_frames)
-        anchor, snapshot, state, pool = [], None, None, None
-        for c, trajectory in enumerate(self.rollout_chunks(text, generator, kv_cache=cache, latents=latents,
-                                                           record=True)):
-            anchor.append(trajectory)
-            if c == fork - 1:  # the fork: the cache and the sampler's noise stream every branch starts from
-                snapshot, state = cache.snapshot(), generator.get_state()
+        stream = _ScheduledRollout(self, text, schedule, self._seeded(f"{key}/rollout"), cache, latents)
+        anchor = []
+        for c in range(len(self.chunk_sizes)):
+            if c == fork:  # the fork, after its switch if any: the state every branch starts from
+                stream.prepare()
+                start = stream.state()
                 pool = cache.routable_frames(args.recent_frames)
+            anchor.append(stream.next_chunk())
         plans = branch_plans(pool, args.num_branches, args.selected_frames, self._seeded(f"{key}/plans"))
         branches = []
         for plan in plans.tolist():
-            cache.restore(snapshot)
+            branch = _ScheduledRollout(self, text, schedule, None, cache, latents, start=start)
             cache.route(plan, recent_frames=args.recent_frames)
-            stream = torch.Generator().set_state(state)
             routed = []
-            for c, trajectory in enumerate(self.rollout_chunks(text, stream, kv_cache=cache, latents=latents,
-                                                               record=True, first_frame=fork * chunk)):
-                routed.append(trajectory)
-                if c == args.routed_chunks - 1:
+            for c in range(fork, len(self.chunk_sizes)):
+                routed.append(branch.next_chunk())
+                if c == fork + args.routed_chunks - 1:
                     cache.route(None)
             branches.append(RolloutRecord.from_chunks(anchor[:fork] + routed))
         branches.append(RolloutRecord.from_chunks(anchor))
@@ -233,22 +367,27 @@ class KVPOTrainer(CausalVideoTrainerBase):
     # ------------------------------------------------------------------ no-grad part: rollouts, rewards, advantages
     @torch.no_grad()
     def _generate(self, inputs: dict) -> dict:
-        inputs = super()._generate(inputs)
+        rows = len(inputs["prompt"])
+        switch_frames = inputs.get("switch_frames", [None] * rows)
+        schedules = [self.prompt_schedule(p, f) for p, f in zip(inputs["prompt"], switch_frames)]
+        # `prompt` holds each row's first prompt from here on (its `prompt_embeds`); `kvpo` entries hold the rest
+        inputs = super()._generate({**inputs, "prompt": [s.prompts[0] for s in schedules]})
         args = self.args
         text, index = inputs["prompt_embeds"], inputs["sample_index"]
-        prompts = list(inputs["prompt"])
+        texts = [text[i : i + 1] if len(s.prompts) == 1 else self.encode_prompts(list(s.prompts))
+                 for i, s in enumerate(schedules)]
         columns = {k: v for k, v in inputs.items() if k not in _INTERNAL_COLUMNS}
         size = args.num_branches + 1
         start = time.perf_counter()
-        groups = [self.rollout_group(text[i : i + 1], int(index[i])) for i in range(len(prompts))]
+        groups = [self.rollout_group(texts[i], int(index[i]), schedules[i]) for i in range(rows)]
         videos = [self.decode_videos(g["record"].clean) for g in groups]
         rollout_done = time.perf_counter()
         global_scores, local_scores = [], []
         for i, (group, video) in enumerate(zip(groups, videos)):
             row = {k: _repeat(v, i, size) for k, v in columns.items()}
             first, last = self._pixel_range(group["fork"])
-            global_scores.append(score_videos(self.reward_funcs, [prompts[i]] * size, video, row))
-            local_scores.append(score_videos(self.reward_funcs, [prompts[i]] * size, video[:, first:last], row))
+            global_scores.append(self.score_segments(schedules[i], video, 0, video.shape[1], row))
+            local_scores.append(self.score_segments(schedules[i], video, first, last, row))
         self.log_metric("timing/rollout", rollout_done - start)
         self.log_metric("timing/reward", time.perf_counter() - rollout_done)
         if all(bool(torch.isnan(s).all()) for s in global_scores + local_scores):
@@ -266,7 +405,9 @@ class KVPOTrainer(CausalVideoTrainerBase):
             record = _truncate(full, stop, fork + args.routed_chunks)  # the replay needs no later frame
             noisy, pred = self._routed(record.noisy, fork), self._routed(record.pred_original, fork)
             entry = {"record": record, "fork": fork, "plans": group["plans"],
-                     "recorded_velocity": recorded_velocity(noisy, pred, record.sigmas[: record.num_steps])}
+                     "recorded_velocity": recorded_velocity(noisy, pred, record.sigmas[: record.num_steps]),
+                     "texts": texts[i], "switch_chunks": schedules[i].switch_chunks,
+                     "global_scores": global_scores[i], "local_scores": local_scores[i]}
             local = self._scope_advantages(local_scores[i], self.local_weights)
             global_ = self._scope_advantages(global_scores[i], self.global_weights)
             entry["advantages"] = fuse_advantages(local, global_, args.fusion, args.local_weight, args.global_weight,
@@ -304,11 +445,37 @@ class KVPOTrainer(CausalVideoTrainerBase):
         return inputs
 
     def _pixel_range(self, fork: int) -> tuple[int, int]:
-        """The decoded frames ``[first, last)`` of the routed stretch's latent frames (the causal VAE decodes latent
-        frame 0 to one frame and every later latent frame to ``vae_scale_factor_temporal`` frames)."""
+        """The decoded frames ``[first, last)`` of the routed stretch."""
+        return self._chunk_pixels(fork, fork + self.args.routed_chunks)
+
+    def _chunk_pixels(self, first_chunk: int, end_chunk: int) -> tuple[int, int]:
+        """The decoded frames ``[first, last)`` of chunks ``first_chunk .. end_chunk - 1`` (the causal VAE decodes
+        latent frame 0 to one frame and every later latent frame to ``vae_scale_factor_temporal`` frames)."""
         t, chunk = self.pipeline.vae_scale_factor_temporal, self.pipeline.chunk_frames
-        start, stop = fork * chunk, (fork + self.args.routed_chunks) * chunk
+        start, stop = first_chunk * chunk, end_chunk * chunk
         return (0 if start == 0 else t * (start - 1) + 1), t * (stop - 1) + 1
+
+    def score_segments(self, schedule: PromptSchedule, videos: torch.Tensor, first: int, last: int,
+                       columns: dict[str, Any]) -> torch.Tensor:
+        """``[B, n_funcs]`` scores of the frames ``[first, last)`` of ``videos``: each segment of the schedule that
+        overlaps them is scored on the overlap against its own prompt, and the scores are averaged weighted by the
+        overlap's frames (a function's missing scores, None, left out of its mean; none left gives NaN). One prompt:
+        the frames scored against it."""
+        size = videos.shape[0]
+        if len(schedule.prompts) == 1:
+            return score_videos(self.reward_funcs, [schedule.prompts[0]] * size, videos[:, first:last], columns)
+        total = torch.zeros(size, len(self.reward_funcs), dtype=torch.float64)
+        weight = torch.zeros_like(total)
+        for index, start, end in schedule.segments(len(self.chunk_sizes)):
+            a, b = self._chunk_pixels(start, end)
+            a, b = max(a, first), min(b, last)
+            if a >= b:
+                continue
+            scores = score_videos(self.reward_funcs, [schedule.prompts[index]] * size, videos[:, a:b], columns)
+            scored = ~torch.isnan(scores)
+            total += torch.where(scored, scores, 0.0) * (b - a)
+            weight += scored * float(b - a)
+        return torch.where(weight > 0, total / weight, torch.full_like(total, math.nan))
 
     @staticmethod
     def _scope_advantages(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -346,7 +513,13 @@ class KVPOTrainer(CausalVideoTrainerBase):
         """``v_θ`` ``[B, P, K, C, f, h, w]`` of the routed chunks of ``rows`` (default: the branches), replayed under
         the unrouted context inference uses: one interleaved pass per step (METHOD §4: noisy = the recorded
         ``x_{σ_k}`` of every chunk, history = the row's own context chunks, the training window and sinks). With
-        ``grad``, the first ``grad_steps`` steps run in one pass with gradients, the others without."""
+        ``grad``, the first ``grad_steps`` steps run in one pass with gradients, the others without.
+
+        A prompt schedule that switched at or before the fork is replayed through the cache instead
+        (:meth:`replay_through_cache`): the interleaved pass has one prompt per sequence and cannot rebuild the
+        re-cached frames; a schedule whose first switch comes after the routed stretch replays as one prompt."""
+        if any(s <= entry["fork"] for s in entry.get("switch_chunks", ())):
+            return self.replay_through_cache(model, entry, rows, grad)
         record, args = entry["record"][rows], self.args
         batch, steps = record.batch_size, record.num_steps
         cut = min(args.grad_steps, steps) if grad else 0
@@ -362,6 +535,42 @@ class KVPOTrainer(CausalVideoTrainerBase):
                             window_frames=args.window_frames, sink_frames=args.sink_frames, **packed).sample
             velocities.append(out.unflatten(0, (len(ks), batch)))
         return self._routed(torch.cat(velocities), entry["fork"])  # from [K, B, C, F, h, w], as recorded
+
+    def replay_through_cache(self, model, entry: dict, rows=slice(None, -1), grad: bool = False) -> torch.Tensor:
+        """``v_θ`` ``[B, P, K, C, f, h, w]`` of the routed chunks of ``rows`` under a prompt schedule's deployment
+        context: the chunk loop of inference re-run on the rows' own recorded context latents (each chunk's context
+        pass under the prompt in effect, the LongLive re-cache of the visible frames at every switch, the training
+        window and sinks), and the recorded ``x_{σ_k}`` of every step of the routed chunks through that cache. The
+        cache holds detached keys and values, as in inference, so with ``grad`` the gradient flows through the routed
+        chunks' own passes of the first ``grad_steps`` steps."""
+        record, args = entry["record"][rows], self.args
+        chunk, fork = self.pipeline.chunk_frames, entry["fork"]
+        batch, steps = record.batch_size, record.num_steps
+        texts = entry["texts"].to(self.accelerator.device)
+        switches = list(entry["switch_chunks"])
+        cache = self.new_kv_cache(batch)
+        denoiser = CacheDenoiser(model, cache, texts[:1].expand(batch, -1, -1))
+        contexts: dict[int, torch.Tensor] = {}
+        velocities = []
+        for c in range(fork + args.routed_chunks):
+            if c in switches:
+                index = switches.index(c) + 1
+                denoiser.prompt_embeds = texts[index : index + 1].expand(batch, -1, -1)
+                cache.reset_text()
+                self.sampler.recache(denoiser, contexts, chunk)
+            lo, hi = c * chunk, (c + 1) * chunk
+            if c >= fork:
+                per_step = []
+                for k in range(steps):
+                    with torch.set_grad_enabled(grad and k < args.grad_steps):
+                        t = self.sampler.timestep(float(record.sigmas[k]))
+                        per_step.append(denoiser(record.noisy[k, :, :, lo:hi], t, lo))
+                velocities.append(torch.stack(per_step, dim=1))
+            if c < fork + args.routed_chunks - 1:
+                context = record.context[:, :, lo:hi]
+                self.sampler.write_context(denoiser, context, lo)
+                _keep_contexts(contexts, context, lo, chunk, cache)
+        return torch.stack(velocities, dim=1)
 
     def _energy(self, model, text: torch.Tensor, entry: dict, rows=slice(None, -1), grad: bool = False):
         """The trajectory velocity energy ``[B]`` of ``rows`` (default: the branches; ``slice(None)``: the branches
@@ -418,6 +627,72 @@ class KVPOTrainer(CausalVideoTrainerBase):
         self.log_metric("kvpo/energy_max", energy.max(dim=1).values.mean())
         self.log_metric("kvpo/loss", loss.detach())
         return (loss, energy) if return_outputs else loss
+
+
+def _keep_contexts(contexts: dict[int, torch.Tensor], context: torch.Tensor, frame_start: int, chunk_frames: int,
+                   cache) -> None:
+    """Keep a chunk's context latents frame by frame and forget the frames the next chunk no longer sees: what a
+    prompt switch re-caches (the pipeline's bookkeeping)."""
+    for i in range(context.shape[2]):
+        contexts[frame_start + i] = context[:, :, i : i + 1]
+    if cache.window_frames is not None:
+        end = frame_start + context.shape[2]
+        visible = set(visible_history(end, chunk_frames, cache.window_frames, cache.sink_frames))
+        for frame in [f for f in contexts if f not in visible]:
+            del contexts[frame]
+
+
+class _ScheduledRollout:
+    """One rollout's chunk loop under a prompt schedule, as the pipeline runs it: before a chunk at which the
+    schedule switches, the prompt changes, the text cache is dropped and the self-attention cache is rebuilt from the
+    context latents of the frames that chunk sees (LongLive re-cache, METHOD §2), spending no random draw.
+
+    ``start`` (a :meth:`state` of another rollout) continues from that state: its cache snapshot, sampler-noise
+    state, kept contexts and prompt, at its chunk (a branch at the fork)."""
+
+    def __init__(self, trainer: KVPOTrainer, texts: torch.Tensor, schedule: PromptSchedule,
+                 generator: torch.Generator | None, cache, latents: torch.Tensor, start: dict | None = None) -> None:
+        self.trainer, self.texts, self.schedule, self.cache = trainer, texts, schedule, cache
+        self.chunk_frames = trainer.pipeline.chunk_frames
+        if start is None:
+            self.chunk, self.prepared, self.contexts = 0, 0, {}
+        else:
+            cache.restore(start["cache"])
+            generator = torch.Generator().set_state(start["generator"])
+            self.chunk = self.prepared = start["chunk"]
+            self.contexts = dict(start["contexts"])
+        self.generator = generator
+        index = schedule.prompt_index(self.chunk)
+        self.denoiser = CacheDenoiser(trainer.student, cache, texts[index : index + 1])
+        channels, frames, h, w = trainer.latent_shape
+        self.sampled = trainer.sampler.chunks(
+            self.denoiser, (1, channels, h, w), self.chunk_frames, frames, generator=generator, latents=latents,
+            record=True, first_frame=self.chunk * self.chunk_frames, device=texts.device, dtype=trainer.student.dtype,
+        )
+
+    def prepare(self) -> None:
+        """Apply the switch due before the next chunk (once)."""
+        due = self.prepared != self.chunk and self.chunk in self.schedule.switch_chunks
+        self.prepared = self.chunk
+        if not due:
+            return
+        index = self.schedule.prompt_index(self.chunk)
+        self.denoiser.prompt_embeds = self.texts[index : index + 1]
+        self.cache.reset_text()
+        self.trainer.sampler.recache(self.denoiser, self.contexts, self.chunk_frames)
+
+    def state(self) -> dict:
+        """What a rollout continuing from here needs (the cache is snapshotted, copy on write)."""
+        return {"cache": self.cache.snapshot(), "generator": self.generator.get_state(), "chunk": self.chunk,
+                "contexts": dict(self.contexts)}
+
+    def next_chunk(self) -> ChunkTrajectory:
+        self.prepare()
+        trajectory = next(self.sampled)
+        if trajectory.context is not None and any(s > self.chunk for s in self.schedule.switch_chunks):
+            _keep_contexts(self.contexts, trajectory.context, trajectory.frame_start, self.chunk_frames, self.cache)
+        self.chunk += 1
+        return trajectory
 
 
 def _stack_records(records: list[RolloutRecord]) -> RolloutRecord:

@@ -1,7 +1,7 @@
 """What the recipes in ``trainers/`` share around their training loops (their configuration is read by
 :func:`~diffusers_raven.utils.recipe_args.parse_recipe_args`): the checkpoint folders and learning-rate clock of the
-recipes whose own training loops run on ``accelerate``; and the training-time budget of the recipes that run a
-``transformers.Trainer``."""
+recipes whose own training loops run on ``accelerate``; and the training-time budget (and the reward against training
+time) of the recipes that run a ``transformers.Trainer``."""
 
 from __future__ import annotations
 
@@ -172,3 +172,32 @@ class TrainingTimeBudget(TrainerCallback):
         if os.path.isdir(folder):
             with open(os.path.join(folder, self.FILE), "w") as f:
                 json.dump({"train_seconds": self.elapsed, "global_step": state.global_step}, f)
+
+
+class RewardClock(TrainerCallback):
+    """The logged reward against training time (from the budget) and step: the curve the comparison plots. Saved
+    in every checkpoint and read back on resume, so a resumed run's curve is whole.
+
+    A point holds the logged ``reward*`` metrics, ``frac_reward_zero_std`` and the ``extra_keys`` that were logged."""
+
+    FILE = "reward_clock.json"
+
+    def __init__(self, budget: TrainingTimeBudget, resume_from: str | None = None,
+                 extra_keys: tuple[str, ...] = ()) -> None:
+        self.budget, self.points, self.extra_keys = budget, [], tuple(extra_keys)
+        if resume_from is not None and os.path.isfile(os.path.join(resume_from, self.FILE)):
+            with open(os.path.join(resume_from, self.FILE)) as f:
+                self.points = json.load(f)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            point = {"step": state.global_step, "train_seconds": round(self.budget.elapsed, 2)}
+            point.update({k: logs[k] for k in logs
+                          if k.startswith("reward") or k == "frac_reward_zero_std" or k in self.extra_keys})
+            self.points.append(point)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, self.FILE), "w") as f:
+                json.dump(self.points, f)

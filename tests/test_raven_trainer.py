@@ -171,6 +171,7 @@ def test_gradient_checkpointing_and_bf16_switches(tmp_path):
     trainer = build(str(tmp_path), "raven", max_steps=1, save_steps=10, gradient_checkpointing=True, bf16=True)
     trainer.train()
     assert trainer.student.gradient_checkpointing
+    assert trainer.critic.gradient_checkpointing  # the critic's update checkpoints its blocks too
     assert torch.isfinite(torch.tensor(losses(trainer))).all()
 
 

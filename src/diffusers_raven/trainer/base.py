@@ -775,8 +775,8 @@ class CausalVideoTrainerBase(Trainer):
                 states[name] = fsdp.gather_state_dict(obj)
             elif isinstance(obj, torch.optim.Optimizer):
                 states[name] = fsdp.gather_optimizer_state(self._optimizer_owner(name, obj, extra), obj)
-            else:
-                states[name] = obj.state_dict()
+            else:  # e.g. copies of (sharded) weights: their full tensors
+                states[name] = {k: fsdp.full_tensor(v) if torch.is_tensor(v) else v for k, v in obj.state_dict().items()}
         return states
 
     def _optimizer_owner(self, name: str, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> torch.nn.Module:

@@ -87,6 +87,8 @@ class RavenTrainer(CausalVideoTrainerBase):
         self.teacher = teacher.to(device).requires_grad_(False).eval()
         critic = critic if critic is not None else copy.deepcopy(teacher)
         critic.requires_grad_(True).train()
+        if args.gradient_checkpointing:  # the critic's update is a full pass with gradients too (Trainer only sets the student's)
+            critic.enable_gradient_checkpointing()
         self.critic = self.accelerator.prepare(critic.to(device))
         # A plain optimizer: accelerate's wrapper would skip its steps on the micro-steps of a gradient-accumulation
         # cycle, and the critic steps during every generation, whatever the generator's accumulation.

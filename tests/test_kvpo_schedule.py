@@ -255,3 +255,22 @@ def test_bad_schedules_fail_before_any_rollout(tmp_path):
     trainer = build(tmp_path)
     with pytest.raises(ValueError, match="`switch_frames`.*needs a prompt schedule"):
         trainer.prompt_schedule(FIRST, [AT_CHUNK_3])
+
+
+def test_sample_follows_the_first_rows_schedule(tmp_path):
+    """Without sample_prompts, the periodic sample of a schedule dataset is the pipeline's stream with that schedule
+    (recomputed here from the prompt texts), and its rewards are the segments' frame-weighted scores."""
+    import json
+
+    trainer = build(tmp_path)
+    path = trainer.write_samples(str(tmp_path / "samples" / "step-0.gif"))
+    record = json.loads((tmp_path / "samples" / "step-0.json").read_text())
+    assert os.path.isfile(path) and record["prompt"] == [FIRST, SECOND] and record["switch_frames"] == [AT_CHUNK_3]
+    args = trainer.args
+    video = trainer.pipeline(
+        prompt=[FIRST, SECOND], switch_frames=[AT_CHUNK_3], num_frames=args.num_frames, height=32, width=32,
+        max_sequence_length=16, generator=torch.Generator().manual_seed(args.seed), window_frames=args.window_frames,
+        sink_frames=args.sink_frames, output_type="pt",
+    ).frames
+    # brightness of each segment weighted by its frames = the mean brightness of the whole video
+    assert record["rewards"]["brightness"] == pytest.approx(float(video[0].mean()), abs=1e-5)

@@ -603,6 +603,42 @@ class KVPOTrainer(CausalVideoTrainerBase):
     def extra_state(self) -> dict[str, Any]:
         return {"old_policy": self._old_policy} if self._old_policy is not None else {}
 
+    @torch.no_grad()
+    def write_samples(self, path: str) -> str:
+        """As the base's; without ``sample_prompts``, when the first training row is a prompt schedule, the sample
+        follows that schedule (the pipeline's prompt switches at the row's ``switch_frames``) and each segment is
+        scored against its own prompt (:meth:`score_segments`)."""
+        if self.args.sample_prompts:
+            return super().write_samples(path)
+        dataset = self.train_dataset
+        row = next(iter(dataset)) if isinstance(dataset, torch.utils.data.IterableDataset) else dataset[0]
+        schedule = self.prompt_schedule(row["prompt"], row.get("switch_frames"))
+        if len(schedule.prompts) == 1:
+            return super().write_samples(path)
+        import json
+        import os
+
+        from ..utils.video import save_video
+
+        video = self.pipeline(
+            prompt_embeds=[self.encode_prompts([p]) for p in schedule.prompts], switch_frames=list(row["switch_frames"]),
+            num_frames=self.args.num_frames, height=self.height, width=self.width, sigmas=self.args.denoising_sigmas,
+            generator=[torch.Generator().manual_seed(int(self.args.seed))], window_frames=self.args.window_frames,
+            sink_frames=self.args.sink_frames, context_noise=self.args.context_noise, output_type="pt",
+        ).frames
+        if not self.is_world_process_zero():
+            return path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_video(video[0].permute(0, 2, 3, 1).float().cpu().numpy(), path)
+        if self.reward_funcs:
+            scores = self.score_segments(schedule, video, 0, video.shape[1], {})[0].tolist()
+            with open(os.path.splitext(path)[0] + ".json", "w") as f:
+                json.dump({"prompt": list(schedule.prompts), "switch_frames": list(row["switch_frames"]),
+                           "step": self.state.global_step,
+                           "rewards": {reward_name(fn): None if math.isnan(v) else v
+                                       for fn, v in zip(self.reward_funcs, scores)}}, f, indent=2)
+        return path
+
     # ------------------------------------------------------------------ the policy's loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args

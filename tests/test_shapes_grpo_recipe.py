@@ -8,29 +8,14 @@ import os
 import pytest
 import torch
 
-from recipe_utils import load_recipe, write_config
+from recipe_utils import load_recipe, save_tiny_shapes_pipeline, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A tiny causal pipeline that reads ShapesWorld captions (a word tokenizer over them)."""
-    from diffusers_raven import CausalVideoPipeline, CausalWanTransformer3DModel, ConsistencyFlowMatchScheduler
-    from diffusers_raven.shapes import all_captions
-    from diffusers_raven.utils.tiny import build_word_tokenizer, tiny_text_encoder, tiny_transformer_config, tiny_vae
-
-    root = tmp_path_factory.mktemp("grpo_start")
-    tokenizer = build_word_tokenizer(corpus=all_captions())
-    tokenizer.model_max_length = 18
-    torch.manual_seed(1)
-    transformer = CausalWanTransformer3DModel(**tiny_transformer_config(in_channels=4, text_dim=16, num_layers=1,
-                                                                        attention_head_dim=12, ffn_dim=32))
-    CausalVideoPipeline(tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer), d_model=16, d_ff=32),
-                        transformer=transformer, vae=tiny_vae(z_dim=4, base_dim=8),
-                        scheduler=ConsistencyFlowMatchScheduler(), sample_height=32,
-                        sample_width=32).save_pretrained(root / "start")
-    return str(root / "start")
+    return save_tiny_shapes_pipeline(tmp_path_factory.mktemp("grpo_start") / "start")
 
 
 TINY = dict(num_prompts=4, num_generations=2, per_device_train_batch_size=2, max_steps=2, logging_steps=1,

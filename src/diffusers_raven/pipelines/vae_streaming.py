@@ -64,6 +64,14 @@ def vae_temporal_factor(vae: AutoencoderKLWan) -> int:
     return 2 ** sum(bool(t) for t in vae.config.temperal_downsample)
 
 
+def vae_patch_size(vae: AutoencoderKLWan) -> int | None:
+    """``vae.config.patch_size`` (None: no patchifying), checked to be an int >= 1."""
+    patch_size = vae.config.patch_size
+    if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
+        raise NotImplementedError(f"Unsupported vae.config.patch_size={patch_size!r}; expected an int >= 1.")
+    return patch_size
+
+
 def vae_spatial_factor(vae: AutoencoderKLWan) -> int:
     """Pixels per latent along height and width: ``2 ** down-samplings``, times ``patch_size`` when the VAE patchifies
     its input (Wan 2.2 style)."""
@@ -142,10 +150,7 @@ class StreamingVAEDecoder:
         self.clamp = clamp
         self.num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.temporal_factor = vae_temporal_factor(vae)
-        patch_size = vae.config.patch_size
-        if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
-            raise NotImplementedError(f"Unsupported vae.config.patch_size={patch_size!r}; expected an int >= 1.")
-        self.patch_size: int | None = patch_size
+        self.patch_size = vae_patch_size(vae)
         self.state = self.new_state()
 
     def new_state(self) -> StreamingDecodeState:
@@ -222,10 +227,7 @@ class StreamingVAEEncoder:
         self.vae = vae
         self.num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
         self.temporal_factor = vae_temporal_factor(vae)
-        patch_size = vae.config.patch_size
-        if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
-            raise NotImplementedError(f"Unsupported vae.config.patch_size={patch_size!r}; expected an int >= 1.")
-        self.patch_size: int | None = patch_size
+        self.patch_size = vae_patch_size(vae)
         self.state = self.new_state()
         self.num_frames = 0  # pixel frames encoded so far
 

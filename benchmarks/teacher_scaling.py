@@ -4,9 +4,10 @@
 
 Every teacher of the 8x-VAE chain that ran the committed recipe (width 192, learning rate 5e-4, a warm-up and a
 cosine over its whole budget, so each ended annealed) was scored by ``trainers/shapes_eval_chain.py`` on the same
-128 held-out captions (``--eval_seed 1000001000``, 48 Euler steps, CFG 3). This reads, from ``docs/results/``, each
-teacher's step count (its training JSON) and its per-video semantic accuracy (its 128-caption JSON), checks that
-the captions are the same in every file and that the evaluator scores them alike, and fits
+128 held-out captions (``--eval_seed 1000001000``, 48 Euler steps, CFG 3). This reads, from
+``docs/experiments/shapesworld/results/``, each teacher's step count (its training JSON) and its per-video semantic
+accuracy (its 128-caption JSON), checks that the captions are the same in every file and that the evaluator scores
+them alike, and fits
 
     semantic accuracy = a + b * log2(steps / 10,000)
 
@@ -37,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, argument_parser, print_table, write_results  # noqa: E402
 
-RESULTS = REPO_ROOT / "docs" / "results"
+RESULTS = REPO_ROOT / "docs" / "experiments" / "shapesworld" / "results"
 ATTRIBUTES = ("background", "count", "color", "shape", "direction", "speed")
 
 #: (name, training JSON, 128-caption JSON, model name in it); the fitted teachers
@@ -131,8 +132,8 @@ def main() -> None:
             "steps": int(train["steps"]),
             "train_seconds": float(train["train_wall_seconds"]),
             "seconds_per_step": float(train["train_wall_seconds"]) / int(train["steps"]),
-            "training_json": f"docs/results/{train_file}",
-            "scores_json": f"docs/results/{chain_file}:{model}",
+            "training_json": (RESULTS / train_file).relative_to(REPO_ROOT).as_posix(),
+            "scores_json": f"{(RESULTS / chain_file).relative_to(REPO_ROOT).as_posix()}:{model}",
             "semantic_accuracy": float(scores["semantic_accuracy"]),
             "semantic_accuracy_stderr": float(scores["semantic_accuracy_stderr"]),
             "per_video": np.asarray(scores["semantic_accuracy_per_video"], dtype=float),

@@ -45,7 +45,8 @@ def test_log_steps_fit_matches_numpy_polyfit_and_projects_back_onto_the_line():
 
 
 def test_chain_results_must_share_captions_and_score_alike():
-    reference = json.loads((ROOT / "docs" / "results" / "shapes_teacher_long_128.json").read_text())
+    results = ROOT / "docs" / "experiments" / "shapesworld" / "results"
+    reference = json.loads((results / "shapes_teacher_long_128.json").read_text())
     scaling.check_comparable(copy.deepcopy(reference), reference, "same")
 
     other_fingerprint = copy.deepcopy(reference)

@@ -2,7 +2,8 @@
 
 Compared with an independent computation: the evaluator's scores of the bundled model against those of the randomly
 initialised tiny pipeline at the same size, on the same held-out captions and seeds. A trained model must beat it
-clearly; ``docs/results/shapes_default_model_*.json`` hold the full evaluation (more videos, 1x and 4x length).
+clearly; ``docs/experiments/shapesworld/results/shapes_default_model_*.json`` hold the full evaluation (more videos, 1x
+and 4x length).
 """
 
 from __future__ import annotations

@@ -42,10 +42,10 @@ tags: [diffusers-raven, text-to-video, causal-video, shapesworld]
 # ShapesWorld causal video model (bundled with diffusers-raven)
 
 A small causal text-to-video model trained on ShapesWorld, the procedural world of `diffusers_raven.shapes`, by the
-recipes in `trainers/` of the diffusers-raven repository (`docs/shapes_model_chain.md`): a word-level tokenizer and a
-frozen random UMT5 encoder, a Wan VAE, a bidirectional Wan teacher trained with flow matching, and this causal
-student ({source_note}). It streams {height}x{width} video in chunks of {chunk} latent frames with the 4-step
-consistency sampler and a KV cache.
+recipes in `trainers/` of the diffusers-raven repository (`docs/experiments/shapesworld/shapes_model_chain.md`): a
+word-level tokenizer and a frozen random UMT5 encoder, a Wan VAE, a bidirectional Wan teacher trained with flow
+matching, and this causal student ({source_note}). It streams {height}x{width} video in chunks of {chunk} latent
+frames with the 4-step consistency sampler and a KV cache.
 
 ```python
 from diffusers_raven import CausalVideoPipeline
@@ -55,7 +55,8 @@ pipe = CausalVideoPipeline.from_pretrained(BUNDLED_MODEL_DIR)
 video = pipe("a red circle moving right on a black background", num_frames=21).frames[0]
 ```
 
-Its ShapesWorld metrics, with the commands that measure them, are in `docs/shapes_model_chain.md` of the repository.
+Its ShapesWorld metrics, with the commands that measure them, are in
+`docs/experiments/shapesworld/shapes_model_chain.md` of the repository.
 Transformer weights stored in {dtype}; they load as float32.
 """
 

@@ -2,7 +2,7 @@
 
     python trainers/shapes_eval_chain.py --teacher teacher=out/shapes/teacher \\
         --pipeline student=out/shapes/student --pipeline bundled=bundled --videos 32 \\
-        --output docs/results/shapes_chain_eval.json
+        --output docs/experiments/shapesworld/results/shapes_chain_eval.json
 
 The recipes score their stage while they train, with the evaluator of that day and a few videos; this script puts
 the stages side by side: one set of held-out captions (``sample_scene(eval_seed + i, split="test")``), one seed, one

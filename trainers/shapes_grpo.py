@@ -22,7 +22,7 @@ as a flag; a misspelt key fails with the list of known ones.
 
 Outputs in ``output_dir``: ``grpo_results.json`` (configuration, command, steps, training seconds, the reward against
 training time and step, the evaluations) and the trainer's checkpoints. The 128-caption paired comparison uses
-``trainers/shapes_eval_chain.py`` on the saved pipelines (commands in ``docs/shapes_rl.md``).
+``trainers/shapes_eval_chain.py`` on the saved pipelines (commands in ``docs/experiments/shapesworld/shapes_rl.md``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ as a flag; a misspelt key fails with the list of known ones.
 
 Outputs in ``output_dir``: ``kvpo_results.json`` (configuration, command, steps, training seconds, the reward of the
 branches and of the unrouted anchor against training time and step, the evaluations) and the trainer's checkpoints.
-The 128-caption paired comparison uses ``trainers/shapes_eval_chain.py`` on the saved pipelines (``docs/shapes_kvpo.md``).
+The 128-caption paired comparison uses ``trainers/shapes_eval_chain.py`` on the saved pipelines
+(``docs/experiments/shapesworld/shapes_kvpo.md``).
 """
 
 from __future__ import annotations

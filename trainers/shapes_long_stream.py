@@ -3,8 +3,9 @@
     nice -n 10 env OMP_NUM_THREADS=1 python trainers/shapes_long_stream.py \\
         --pipeline bundled=bundled --pipeline cmgrpo=out/grpo/consistency/pipeline \\
         --latent_frames 1200 --captions 3 \\
-        --output docs/results/shapes_long_stream.json --plot docs/images/shapes_long_stream.png \\
-        --frames_plot docs/images/shapes_long_stream_frames.png
+        --output docs/experiments/shapesworld/results/shapes_long_stream.json \\
+        --plot docs/experiments/shapesworld/images/shapes_long_stream.png \\
+        --frames_plot docs/experiments/shapesworld/images/shapes_long_stream_frames.png
 
     # later: add a model to the same JSON (same prompts, seed and stream settings) and redraw both figures
     python trainers/shapes_long_stream.py --append --pipeline kvpo=out/kvpo/single/pipeline ...

@@ -1,8 +1,9 @@
 """Reward against training time for RL runs of ``trainers/shapes_grpo.py`` and ``trainers/shapes_kvpo.py``: one
 plot, one curve per run.
 
-    python trainers/shapes_rl_plot.py --run cmgrpo=out/grpo/consistency --run flowgrpo=out/grpo/sde \
-        --output docs/images/shapes_rl_reward.png --summary docs/results/shapes_rl_curves.json
+    python trainers/shapes_rl_plot.py --run cmgrpo=out/grpo/consistency --run flowgrpo=out/grpo/sde \\
+        --output docs/experiments/shapesworld/images/shapes_rl_reward.png \\
+        --summary docs/experiments/shapesworld/results/shapes_rl_curves.json
 
 Each run's ``grpo_results.json`` (or ``kvpo_results.json``) holds the logged reward against training time (``reward_curve``: one point per
 logging interval). The plot shows, for every reward function and for the weighted sum (``reward``), a moving

@@ -64,7 +64,7 @@ and SIGTERM on rank 0 ends the run on every rank; evaluation batches are shared 
 
 ``compile: true`` runs the training forward and backward through ``torch.compile`` (inductor, which needs a C++
 compiler): the first step compiles (55 s measured with a cold kernel cache), every later one is faster (1.27-1.30x
-per step, ``docs/results/shapes_teacher_compile_speed.json``); evaluation stays eager.
+per step, ``docs/experiments/shapesworld/results/shapes_teacher_compile_speed.json``); evaluation stays eager.
 
 Outputs in ``output_dir``: ``teacher/`` (``WanTransformer3DModel.save_pretrained``, EMA weights) and
 ``teacher_metrics.json`` (loss curve, every evaluation, wall time, config, command).

@@ -1,9 +1,9 @@
 """Default models: where the bundled model lives and how a ``--model`` string becomes a pipeline.
 
 The package ships a small model trained on ShapesWorld in ``diffusers_raven/assets/shapesworld`` (built by the recipes of
-``docs/shapes_model_chain.md``). If that folder is missing (a trimmed install), the default falls back to a randomly
-initialised tiny pipeline (deterministic, offline, noise-like output), and :func:`resolve_model` reports that so that
-callers can say so.
+``docs/experiments/shapesworld/shapes_model_chain.md``). If that folder is missing (a trimmed install), the default
+falls back to a randomly initialised tiny pipeline (deterministic, offline, noise-like output), and
+:func:`resolve_model` reports that so that callers can say so.
 
 ``model`` strings understood by :func:`load_pipeline`:
 

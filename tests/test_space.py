@@ -218,7 +218,13 @@ class DevTools:
             if value:
                 return value
             time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        state = self.evaluate(
+            "(() => { const s = document.querySelector('#status textarea');"
+            " const v = document.querySelector('#video video');"
+            " return {status: s ? s.value : null, video: v ? [v.readyState, v.currentTime, v.currentSrc || v.src] : null,"
+            " text: document.body.innerText.slice(0, 1500)}; })()"
+        )
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; the page: {state}")
 
     def click(self, selector: str) -> None:
         """A real mouse click (a user gesture) in the middle of the element."""
@@ -361,16 +367,31 @@ def test_browser_continues_an_uploaded_clip(server, tmp_path):
         document = page.call("DOM.getDocument", depth=-1, pierce=True)["root"]["nodeId"]
         node = page.call("DOM.querySelector", nodeId=document, selector="#clip input[type=file]")["nodeId"]
         assert node, "the clip upload has no file input"
+        # Warnings are toasts that close by themselves: remember the resizing one whenever it shows.
+        page.evaluate(
+            "(() => { window.resizeWarning = false; new MutationObserver(() => {"
+            " if (document.body.innerText.includes('resized to 64×64')) window.resizeWarning = true; })"
+            ".observe(document.body, {subtree: true, childList: true, characterData: true}); })()"
+        )
         page.call("DOM.setFileInputFiles", files=[str(clip)], nodeId=node)
-        page.wait_for("document.querySelector('#clip').innerText.includes('clip.mp4')", 60, "the clip to upload")
+        # While it uploads the component shows the file's name with a progress bar, and a click on Generate then is
+        # not taken; the upload is over when the file's row with its download link (⇣) is shown.
+        uploaded = (
+            "(() => { const c = document.querySelector('#clip'); return !!c.querySelector('table.file-preview')"
+            " && c.innerText.includes('clip') && c.innerText.includes('\\u21e3'); })()"
+        )
+        page.wait_for(uploaded, 60, "the clip to upload")
         page.click("#generate")
+        page.wait_for(
+            "document.querySelector('#status textarea').value !== 'Ready.'", 30, "the generation to start"
+        )
 
         page.wait_for(VIDEO_PLAYS, 120, "the streamed video to play")
         done = "document.querySelector('#status textarea').value.startsWith('Done')"
         page.wait_for(done, 120, "the status 'Done'")
         status = page.evaluate("document.querySelector('#status textarea').value")
         assert status.startswith("Done: 33 frames"), status
-        page.wait_for("document.body.innerText.includes('resized to 64×64')", 30, "the resizing warning")
+        page.wait_for("window.resizeWarning", 30, "the resizing warning")
         page.wait_for("document.querySelector('#video video').currentTime > 0", 30, "the video to advance")
         shot = page.call("Page.captureScreenshot", format="png")
         _save_screenshot(base64.b64decode(shot["data"]), tmp_path / "space_clip.png")

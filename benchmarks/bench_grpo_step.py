@@ -50,7 +50,7 @@ def build_trainer(sampler: str, output_dir: str):
     from diffusers_raven.rewards import fidelity_reward, motion_reward, semantic_reward
     from diffusers_raven.shapes import caption, sample_scene
 
-    pipe, description = load_pipeline("bundled", torch_dtype=torch.float32)
+    pipe, description = load_pipeline("bundled", dtype=torch.float32)
     prompts = [caption(sample_scene(i, split="train")) for i in range(64)]
     args = CMGRPOConfig(output_dir=output_dir, sampler=sampler, reward_weights=[1.0, 0.25, 0.25], **SETTINGS)
     trainer = CMGRPOTrainer(model=pipe, reward_funcs=[semantic_reward, motion_reward, fidelity_reward], args=args,

@@ -110,7 +110,7 @@ def build_trainer(kind: str, output_dir: str, model: str = "bundled", overrides:
     from diffusers_raven.rewards import fidelity_reward, motion_reward, semantic_reward
     from diffusers_raven.shapes import caption, sample_scene
 
-    pipe, description = load_pipeline(model, torch_dtype=torch.float32)
+    pipe, description = load_pipeline(model, dtype=torch.float32)
     loaded_rss = rss_bytes()
     settings = {**VIDEO, **COMMON, **SETTINGS[kind], **(overrides or {})}
     config, trainer_class = (KVPOConfig, KVPOTrainer) if kind == "kvpo" else (CMGRPOConfig, CMGRPOTrainer)

@@ -44,7 +44,7 @@ def build_trainer(sampler: str, policy_steps: int, seed: int):
     from diffusers_raven.rewards import fidelity_reward, motion_reward, semantic_reward
     from diffusers_raven.shapes import caption, sample_scene
 
-    pipe, description = load_pipeline("bundled", torch_dtype=torch.float32)
+    pipe, description = load_pipeline("bundled", dtype=torch.float32)
     prompts = [caption(sample_scene(i, split="train")) for i in range(2048)]
     args = CMGRPOConfig(output_dir=tempfile.mkdtemp(), sampler=sampler, policy_steps=policy_steps, seed=seed,
                         reward_weights=[1.0, 0.25, 0.25], **SETTINGS)

@@ -52,7 +52,7 @@ def group_scores(config: dict, prompts: list[str], num_generations: int, batch_p
         return scores
 
     semantic.__name__ = "semantic_reward"
-    pipe, _ = load_pipeline("bundled", torch_dtype=torch.float32)
+    pipe, _ = load_pipeline("bundled", dtype=torch.float32)
     args = CMGRPOConfig(output_dir=tempfile.mkdtemp(), num_frames=21, height=64, width=64,
                         num_generations=num_generations, per_device_train_batch_size=batch_prompts * num_generations,
                         max_steps=1, use_cpu=True, seed=0, report_to=[], disable_tqdm=True, **config)

@@ -333,6 +333,28 @@ def test_load_pipeline_random_and_folder(tmp_path, no_bundled_model):
     assert type(loaded.transformer).__name__ == "CausalWanTransformer3DModel"
 
 
+def test_load_pipeline_dtype(tmp_path, no_bundled_model):
+    """``dtype`` (diffusers' current name) loads without a deprecation warning; ``torch_dtype`` still works, warns."""
+    import warnings
+
+    import torch
+
+    folder = tmp_path / "pipe"
+    presets.random_tiny_pipeline().save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe, _ = presets.load_pipeline(str(folder), dtype=torch.bfloat16)
+        tiny, _ = presets.load_pipeline("random-tiny", dtype=torch.bfloat16)
+    for loaded in (pipe, tiny):
+        assert loaded.transformer.patch_embedding.weight.dtype == torch.bfloat16
+        assert loaded.vae.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="pass `dtype`"):
+        old, _ = presets.load_pipeline(str(folder), torch_dtype=torch.bfloat16)
+    assert old.transformer.patch_embedding.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`dtype` only"):
+        presets.load_pipeline(str(folder), dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
 def test_bundled_model_is_used_when_present(tmp_path, monkeypatch):
     folder = tmp_path / "shapesworld"
     presets.random_tiny_pipeline(seed=1).save_pretrained(folder)

@@ -6,7 +6,7 @@
 
 Loads the ``CausalVideoPipeline`` folder given by ``--pipeline``, records the video size it was trained at
 (``sample_height``/``sample_width`` in ``model_index.json``, the defaults of ``__call__``/``stream``), stores the
-transformer in ``--dtype`` (float16 halves the package size; ``from_pretrained`` without ``torch_dtype`` loads it back
+transformer in ``--dtype`` (float16 halves the package size; ``from_pretrained`` without ``dtype`` loads it back
 as float32, so users compute in float32 with float16-rounded weights) and writes the folder to
 ``diffusers_raven/assets/shapesworld`` (``BUNDLED_MODEL_DIR``), replacing what was there, with a model card. It then
 loads the bundled folder back with ``CausalVideoPipeline.from_pretrained`` and checks that a short video from it

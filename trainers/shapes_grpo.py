@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.long_video_factor < 1:
         raise SystemExit(f"--long_video_factor must be at least 1, got {args.long_video_factor}")
     torch.set_num_threads(args.num_threads)
-    pipe, description = load_pipeline(args.model_path, torch_dtype=torch.float32)
+    pipe, description = load_pipeline(args.model_path, dtype=torch.float32)
     height = config.height or pipe.default_height
     width = config.width or pipe.default_width
     prompts = training_captions(args.num_prompts, args.prompt_seed, height, width)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--schedule_attributes must name attributes of {EDITABLE_ATTRIBUTES}, got "
                          f"{args.schedule_attributes}")
     torch.set_num_threads(args.num_threads)
-    pipe, description = load_pipeline(args.model_path, torch_dtype=torch.float32)
+    pipe, description = load_pipeline(args.model_path, dtype=torch.float32)
     height = config.height or pipe.default_height
     width = config.width or pipe.default_width
     if args.multi_prompt:

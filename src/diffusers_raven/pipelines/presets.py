@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,18 +149,27 @@ def random_tiny_pipeline(seed: int = 0) -> CausalVideoPipeline:
 
 
 def load_pipeline(
-    model: str | os.PathLike | None = None, *, torch_dtype: torch.dtype | None = None
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> tuple[CausalVideoPipeline, str]:
-    """Load the pipeline named by ``model`` (see the module docstring); returns it and a description of it.
+    """Load the pipeline named by ``model`` (see the module docstring) in ``dtype`` (the checkpoint's own when
+    ``None``); returns it and a description of it. ``torch_dtype`` is the older name of ``dtype`` (as in diffusers).
 
     Raises ``FileNotFoundError`` with a clear message when ``model`` is a missing folder or an unreachable Hub id.
     """
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"Pass `dtype` only (got `dtype={dtype}` and `torch_dtype={torch_dtype}`).")
+        warnings.warn("`torch_dtype` is deprecated; pass `dtype` instead.", FutureWarning, stacklevel=2)
+        dtype = torch_dtype
     resolved = resolve_model(model)
     if resolved.is_random:
         pipe = random_tiny_pipeline()
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
+        if dtype is not None:
+            pipe.to(dtype=dtype)
     else:
-        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        kwargs = {} if dtype is None else {"dtype": dtype}
         pipe = CausalVideoPipeline.from_pretrained(resolved.location, **kwargs)
     return pipe, resolved.description

@@ -124,12 +124,35 @@ def apply_rotary(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return out.type_as(hidden_states)
 
 
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half tables of :func:`rope_at` at full width for :func:`apply_rotary_full`: ``cos`` repeated per pair and
+    ``sin`` signed per pair (``−sin`` at even, ``+sin`` at odd channels), each ``[1, L, 1, head_dim]``."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def apply_rotary_full(hidden_states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` with the full-width tables of :func:`rotary_tables`, in fewer operations: ``x·cos +
+    swap(x)·signed_sin``, where ``swap`` exchanges the two channels of every pair. Bit-identical to
+    :func:`apply_rotary`: per pair it computes ``x1·cos + x2·(−sin)`` and ``x2·cos + x1·sin``, the same roundings as
+    ``x1·cos − x2·sin`` and ``x1·sin + x2·cos``."""
+    b, length, heads, dim = hidden_states.shape
+    swapped = hidden_states.reshape(b, length, heads, dim // 2, 2).flip(-1).reshape(b, length, heads, dim)
+    out = hidden_states * cos + swapped * signed_sin
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------- context
 
 
 @dataclass
 class CausalAttentionContext:
-    """What every block needs to know about one forward pass (built by the model, read by the processors)."""
+    """What every block needs to know about one forward pass (built by the model, read by the processors).
+
+    ``rope`` and ``rope_visible`` are the full-width tables of :func:`rotary_tables`. ``cache_only`` (a context pass
+    whose output nobody reads) makes the block ``cache_only_layer`` stop once its keys and values are taken.
+    ``scratch`` (global cache, absolute RoPE, no gradient) is the slice of buffer slots right after the visible frames
+    where each layer puts the chunk's own keys and values, so that attention reads one contiguous view of the buffer
+    instead of concatenating the history to the chunk at every pass."""
 
     mode: str  # "full" | "grouped" | "cache"
     tokens_per_frame: int
@@ -142,6 +165,9 @@ class CausalAttentionContext:
     rope_visible: tuple[torch.Tensor, torch.Tensor] | None = None
     update_cache: bool = False
     use_text_cache: bool = False
+    cache_only: bool = False
+    cache_only_layer: int = -1
+    scratch: slice | None = None
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     pending_text: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _block_masks: dict = field(default_factory=dict)
@@ -169,12 +195,25 @@ def _active_backend(processor) -> AttentionBackendName:
     return _AttentionBackendRegistry.get_active_backend()[0]
 
 
+def _native_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What diffusers' ``native`` backend computes (``[B, L, heads, dim]`` in and out), without the dispatch."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3)
+    )
+    return out.permute(0, 2, 1, 3)
+
+
 class CausalWanAttnProcessor:
     """Attention processor of :class:`CausalWanTransformer3DModel` (self- and cross-attention of one block).
 
     Without a context it computes exactly what ``WanAttnProcessor`` computes. With one, self-attention follows the
     context's plan (full, grouped block-causal, or against the KV cache) and cross-attention reuses the cached text
     keys and values when the cache holds them for the current prompt.
+
+    The per-token work (projections, norms, rotary embedding, output projection) is separate from the attention
+    plan (:meth:`_attend_planned`: the cache reads and writes, the groups), which reads Python state that changes
+    from chunk to chunk. Under ``torch.compile`` the plan runs outside the graph, so a compiled block is traced once
+    for every chunk of a stream.
     """
 
     _attention_backend = None
@@ -185,6 +224,12 @@ class CausalWanAttnProcessor:
         self._fallback = WanAttnProcessor()
 
     def _attend(self, query, key, value, attn_mask=None) -> torch.Tensor:
+        if attn_mask is None and self._parallel_config is None and not _AttentionBackendRegistry._checks_enabled:
+            backend = self._attention_backend
+            if backend is None:
+                backend = _AttentionBackendRegistry.get_active_backend()[0]
+            if backend == AttentionBackendName.NATIVE or backend == "native":
+                return _native_sdpa(query, key, value)
         return dispatch_attention_fn(
             query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, backend=self._attention_backend
         )
@@ -197,7 +242,7 @@ class CausalWanAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         context: CausalAttentionContext | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         if context is None or (attn.is_cross_attention and attn.add_k_proj is not None):
             self._fallback._attention_backend = self._attention_backend
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
@@ -205,46 +250,72 @@ class CausalWanAttnProcessor:
             out = self._cross_attention(attn, hidden_states, encoder_hidden_states, context)
         else:
             out = self._self_attention(attn, hidden_states, context)
-        out = out.flatten(2, 3).type_as(hidden_states)
+            if out is None:  # a cache-only pass stops here
+                return None
+        out = out.flatten(2, 3)
+        if out.dtype != hidden_states.dtype:
+            out = out.to(hidden_states.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
+    def text_kv(self, attn, encoder_hidden_states, context) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys and values of the prompt: the cache's, or computed (and kept in ``context`` for
+        the cache)."""
+        if context.use_text_cache:
+            return context.kv_cache.text[self.layer_idx]
+        if encoder_hidden_states is None:
+            raise ValueError("`encoder_hidden_states` is required: the KV cache holds no text for this prompt.")
+        if attn.fused_projections:
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if context.kv_cache is not None:
+            context.pending_text[self.layer_idx] = (key.detach(), value.detach())
+        return key, value
+
     def _cross_attention(self, attn, hidden_states, encoder_hidden_states, context) -> torch.Tensor:
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        if context.use_text_cache:
-            key, value = context.kv_cache.text[self.layer_idx]
+        if torch.compiler.is_compiling():  # the layer's entry of the cache: looked up outside the graph
+            key, value = _text_kv_outside_graph(self, attn, encoder_hidden_states, context)
         else:
-            if encoder_hidden_states is None:
-                raise ValueError("`encoder_hidden_states` is required: the KV cache holds no text for this prompt.")
-            if attn.fused_projections:
-                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-            else:
-                key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-            value = value.unflatten(2, (attn.heads, -1))
-            if context.kv_cache is not None:
-                context.pending_text[self.layer_idx] = (key.detach(), value.detach())
+            key, value = self.text_kv(attn, encoder_hidden_states, context)
         return self._attend(query, key, value)
 
-    def _self_attention(self, attn, hidden_states, context) -> torch.Tensor:
+    def _self_attention(self, attn, hidden_states, context) -> torch.Tensor | None:
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         raw_key = key
-        query = apply_rotary(query, *context.rope)
-        key = apply_rotary(key, *context.rope)
+        cos, signed_sin = context.rope
+        query = apply_rotary_full(query, cos, signed_sin)
+        key = apply_rotary_full(key, cos, signed_sin)
+        if torch.compiler.is_compiling():
+            return _attend_planned_outside_graph(self, query, key, value, raw_key, context)
+        return self._attend_planned(query, key, value, raw_key, context)
 
+    def _attend_planned(self, query, key, value, raw_key, context) -> torch.Tensor | None:
+        """Self-attention of rotated ``query``/``key`` and ``value`` following the context's plan (cache reads and
+        writes included); ``None`` when the pass is cache-only and this is its last layer."""
         if context.mode == "cache":
             cache = context.kv_cache
+            tpf = context.tokens_per_frame
             if context.update_cache:
                 stored = raw_key if cache.rope == "relative" else key
-                tpf = context.tokens_per_frame
                 context.pending[self.layer_idx] = (stored.unflatten(1, (-1, tpf)), value.unflatten(1, (-1, tpf)))
+            if context.cache_only and self.layer_idx == context.cache_only_layer:
+                return None
+            if context.scratch is not None and key.dtype == cache.dtype:
+                key, value = cache.read_with_chunk(
+                    self.layer_idx, context.scratch, key.unflatten(1, (-1, tpf)), value.unflatten(1, (-1, tpf))
+                )
+                return self._attend(query, key, value)
             cached_key, cached_value = cache.read(self.layer_idx, context.visible, context.visible_slots)
             if cached_key.shape[1]:
                 if cache.rope == "relative":
-                    cached_key = apply_rotary(cached_key, *context.rope_visible)
+                    cached_key = apply_rotary_full(cached_key, *context.rope_visible)
                 key = torch.cat([cached_key.to(key.dtype), key], dim=1)
                 value = torch.cat([cached_value.to(value.dtype), value], dim=1)
             return self._attend(query, key, value)
@@ -267,3 +338,11 @@ class CausalWanAttnProcessor:
                 v = torch.cat([value[:, a * tpf : b * tpf] for a, b in key_runs], dim=1)
             outputs.append(self._attend(q, k, v))
         return torch.cat(outputs, dim=1)
+
+
+# Under torch.compile the attention plan (cache reads and writes, groups, a visible length that grows from chunk to
+# chunk) runs eagerly between two compiled graphs: nothing in a graph depends on the chunk's position in the stream.
+# The text keys and values (the cache's entry for the layer, or computed once per prompt) are looked up there too:
+# read inside a graph, the layer index would specialise it per block.
+_attend_planned_outside_graph = torch.compiler.disable(CausalWanAttnProcessor._attend_planned, recursive=True)
+_text_kv_outside_graph = torch.compiler.disable(CausalWanAttnProcessor.text_kv, recursive=True)

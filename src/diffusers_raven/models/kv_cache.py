@@ -414,6 +414,47 @@ class KVCache:
             k, v = keys.index_select(1, slots), values.index_select(1, slots)
         return k.flatten(1, 2), v.flatten(1, 2)
 
+    def scratch_slots(
+        self, visible: list[int], frame_start: int, chunk_frames: int, tokens_per_frame: int
+    ) -> slice | None:
+        """Where a chunk pass may put the chunk's own keys and values so that attention reads ``[visible | chunk]`` as
+        one view of the buffer (:meth:`read_with_chunk`), or ``None`` when it cannot.
+
+        Only a global cache in absolute-RoPE mode whose visible frames are the buffer's first slots, in order, with
+        the chunk's frames next, in slots that hold no frame, qualifies (then nothing any reader sees is touched: a
+        state that shares the buffer, a snapshot, holds no frame there either), and only without gradients. The
+        buffer grows if needed, as the chunk's context pass would make it."""
+        if (
+            self.is_windowed
+            or self.rope != "absolute"
+            or torch.is_grad_enabled()
+            or not visible
+            or self.keys[0] is None
+            or self.tokens_per_frame != tokens_per_frame
+            or visible[-1] != len(visible) - 1
+            or frame_start != len(visible)
+        ):
+            return None
+        end = frame_start + chunk_frames
+        held = self.slot_frame[frame_start:end]
+        if bool((held >= 0).any()) or int(self.slot_frame[frame_start - 1]) != frame_start - 1:
+            return None
+        self._ensure_capacity(end, self.keys[0])
+        return slice(frame_start, end)
+
+    def read_with_chunk(
+        self, layer: int, slots: slice, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put a chunk's keys and values ``[batch, frames, tokens_per_frame, heads, dim]`` in the free ``slots`` of
+        :meth:`scratch_slots` and return ``[visible frames | chunk]`` as views of the buffers,
+        ``[batch, (visible + frames) * tokens_per_frame, heads, dim]``: the values ``torch.cat([read(...), chunk])``
+        would give, without copying the history. The slots stay free (no frame is marked written there). The chunk
+        must have the buffer's dtype."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, slots].copy_(key)
+        values[:, slots].copy_(value)
+        return keys[:, : slots.stop].flatten(1, 2), values[:, : slots.stop].flatten(1, 2)
+
     # ------------------------------------------------------------------ writing
     def _place(self, frames: list[int]) -> list[tuple[int, int]]:
         """``(slot, row)`` for each frame of a chunk (``row`` = its index in the chunk); frames that get no slot are

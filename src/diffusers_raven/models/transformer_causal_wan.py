@@ -30,39 +30,68 @@ from .attention import (
     block_causal_frame_mask,
     interleaved_frame_mask,
     rope_at,
+    rotary_tables,
 )
 from .kv_cache import KVCache, check_window
+
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover - torch without distributed
+    _FSDPModule = None
 
 ATTENTION_MODES = ("full", "block_causal")
 
 
 def _block_forward(block, hidden_states, encoder_hidden_states, modulation, context):
-    """One Wan block with per-frame modulation (``modulation``: ``[B, frames, 6, dim]``).
+    """One Wan block with per-frame modulation (``modulation``: ``[B, frames, 6, dim]``, ``frames = 1`` when every
+    frame shares it).
 
-    The same element-wise operations as ``WanTransformerBlock.forward``, broadcast per frame instead of per video.
-    Installed as each block's ``forward`` (:meth:`CausalWanTransformer3DModel.route_blocks`), so that calling the block
-    runs the hooks registered on it.
+    The same element-wise operations as ``WanTransformerBlock.forward``, broadcast per frame instead of per video
+    (dtype conversions that would be no-ops are skipped). Installed as each block's ``forward``
+    (:meth:`CausalWanTransformer3DModel.route_blocks`), so that calling the block runs the hooks registered on it.
+    In a cache-only pass (``context.cache_only``) the block whose layer is ``context.cache_only_layer`` returns its
+    input once its keys and values are taken: nothing reads what would follow.
     """
-    frames = modulation.shape[1]
+    batch, frames = modulation.shape[:2]
+    dtype = hidden_states.dtype
+    fp32 = dtype == torch.float32
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
-        block.scale_shift_table.unsqueeze(0) + modulation.float()
+        block.scale_shift_table + (modulation if modulation.dtype == torch.float32 else modulation.float())
     ).chunk(6, dim=2)
+    dim = hidden_states.shape[-1]
 
     def per_frame(x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(1, (frames, -1))
+        return x.reshape(batch, frames, -1, dim)
 
-    dtype = hidden_states.dtype
-    norm = per_frame(block.norm1(hidden_states.float())) * (1 + scale_msa) + shift_msa
-    attn_output = block.attn1(norm.flatten(1, 2).type_as(hidden_states), None, None, None, context=context)
-    hidden_states = (per_frame(hidden_states.float()) + per_frame(attn_output) * gate_msa).flatten(1, 2).to(dtype)
+    h32 = hidden_states if fp32 else hidden_states.float()
+    norm = per_frame(block.norm1(h32)) * (1 + scale_msa) + shift_msa
+    norm = norm.reshape(batch, -1, dim)
+    attn_output = block.attn1(norm if fp32 else norm.to(dtype), None, None, None, context=context)
+    if attn_output is None:  # the last block of a cache-only pass: its keys and values are all that is needed
+        if not context.use_text_cache and context.kv_cache is not None:
+            block.attn2.processor.text_kv(block.attn2, encoder_hidden_states, context)
+        return hidden_states
+    hidden_states = (per_frame(h32) + per_frame(attn_output) * gate_msa).reshape(batch, -1, dim)
+    if not fp32:
+        hidden_states = hidden_states.to(dtype)
 
-    norm = block.norm2(hidden_states.float()).type_as(hidden_states)
-    hidden_states = hidden_states + block.attn2(norm, encoder_hidden_states, None, None, context=context)
+    norm = block.norm2(hidden_states if fp32 else hidden_states.float())
+    hidden_states = hidden_states + block.attn2(norm if fp32 else norm.type_as(hidden_states), encoder_hidden_states,
+                                                None, None, context=context)
 
-    norm = per_frame(block.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa
-    ff_output = block.ffn(norm.flatten(1, 2).type_as(hidden_states))
-    hidden_states = per_frame(hidden_states.float()) + per_frame(ff_output.float()) * c_gate_msa
-    return hidden_states.flatten(1, 2).to(dtype)
+    h32 = hidden_states if fp32 else hidden_states.float()
+    norm = (per_frame(block.norm3(h32)) * (1 + c_scale_msa) + c_shift_msa).reshape(batch, -1, dim)
+    ff_output = block.ffn(norm if fp32 else norm.to(dtype))
+    hidden_states = per_frame(h32) + per_frame(ff_output if ff_output.dtype == torch.float32 else ff_output.float()) * (
+        c_gate_msa
+    )
+    hidden_states = hidden_states.reshape(batch, -1, dim)
+    return hidden_states if fp32 else hidden_states.to(dtype)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP2 (its parameters are gathered for each forward)."""
+    return _FSDPModule is not None and isinstance(module, _FSDPModule)
 
 
 def _text_fingerprint(encoder_hidden_states: torch.Tensor) -> tuple:
@@ -149,7 +178,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     def _check_processors(self) -> None:
         for block in self.blocks:
-            if not isinstance(block.attn1.processor, CausalWanAttnProcessor):
+            if type(block.attn1.processor) is not CausalWanAttnProcessor and not isinstance(
+                block.attn1.processor, CausalWanAttnProcessor
+            ):
                 raise ValueError(
                     "The attention processors were replaced; causal attention needs `CausalWanAttnProcessor`. "
                     "Call `transformer.install_causal_processors()` to restore them."
@@ -167,14 +198,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return self.config.num_frames_per_chunk // self.config.patch_size[0]
 
     def _rope(self, positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables for frame ``positions``, memoised (a streamed chunk reuses them for every sampler step)."""
+        """Full-width rotary tables (:func:`~.attention.rotary_tables`) for frame ``positions``, memoised (a streamed
+        chunk reuses them for every sampler step)."""
         freqs = self.rope.freqs_cos
         key = (tuple(positions.tolist()), height, width, str(freqs.device), freqs.dtype)
         cache = self.__dict__.setdefault("_rope_tables", {})
         if key not in cache:
             if len(cache) >= 64:
                 cache.pop(next(iter(cache)))
-            cache[key] = rope_at(self.rope, positions, height, width)
+            cache[key] = rotary_tables(*rope_at(self.rope, positions, height, width))
         return cache[key]
 
     def _frame_timesteps(self, timestep, batch_size: int, frames: int, name: str, device) -> torch.Tensor:
@@ -200,8 +232,18 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         raise ValueError(f"`{name}` must be a scalar, [batch] or [batch, frames] tensor, got {timestep.ndim} dims.")
 
     def _embed_time(self, frame_timesteps: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame ``temb`` ``[B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (Wan's condition embedder)."""
+        """Per-frame ``temb`` ``[B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (Wan's condition embedder).
+
+        Without gradients the result is memoised by timestep values: a stream runs the same few timesteps for every
+        chunk. The memo is keyed on the embedder's weights (their storage and version counters, so an optimizer step
+        or a load invalidates it) and holds a few entries."""
         embedder = self.condition_embedder
+        memo_key = None
+        if not torch.is_grad_enabled() and frame_timesteps.device.type == "cpu" and frame_timesteps.numel() <= 1024:
+            memo_key = self._time_memo_key(frame_timesteps, dtype)
+            memo = self.__dict__.setdefault("_time_memo", {})
+            if memo_key is not None and memo_key in memo:
+                return memo[memo_key]
         batch, frames = frame_timesteps.shape
         proj = embedder.timesteps_proj(frame_timesteps.flatten())
         time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
@@ -209,7 +251,23 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             proj = proj.to(time_dtype)
         temb = embedder.time_embedder(proj).to(dtype)
         modulation = embedder.time_proj(embedder.act_fn(temb))
-        return temb.unflatten(0, (batch, frames)), modulation.unflatten(0, (batch, frames)).unflatten(2, (6, -1))
+        result = temb.unflatten(0, (batch, frames)), modulation.unflatten(0, (batch, frames)).unflatten(2, (6, -1))
+        if memo_key is not None:
+            if len(memo) >= 16:
+                memo.pop(next(iter(memo)))
+            memo[memo_key] = result
+        return result
+
+    def _time_memo_key(self, frame_timesteps: torch.Tensor, dtype: torch.dtype) -> tuple | None:
+        """The memo key of :meth:`_embed_time`, or ``None`` where memoising is not safe (a sharded model, adapters on
+        the embedder: their weights change outside the version counters this key reads)."""
+        embedder = self.condition_embedder
+        modules = (embedder.time_embedder.linear_1, embedder.time_embedder.linear_2, embedder.time_proj)
+        if any(type(m) is not torch.nn.Linear for m in modules) or _is_sharded(self):
+            return None
+        weights = tuple((p.data_ptr(), p._version) for m in modules for p in (m.weight, m.bias) if p is not None)
+        values = tuple(frame_timesteps.flatten().tolist())
+        return (values, tuple(frame_timesteps.shape), str(frame_timesteps.device), dtype, weights)
 
     # ------------------------------------------------------------------ forward
     @apply_lora_scale("attention_kwargs")
@@ -229,6 +287,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         history_timestep: torch.Tensor | float = 0,
         window_frames: int | None = None,
         sink_frames: int = 0,
+        cache_only: bool = False,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         r"""Predict the flow velocity of ``hidden_states``.
 
@@ -261,6 +320,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             window_frames (`int`, *optional*), sink_frames (`int`):
                 Attention window (latent frames, counting the current chunk) and attention sinks of full-sequence
                 passes; chunk inference takes them from the cache.
+            cache_only (`bool`):
+                With ``update_cache=True``: only write the chunk's keys and values (the context pass, whose output
+                nobody reads). The last block stops after its key/value projections and the output head is skipped;
+                the cache is written exactly as by a full pass, and ``sample`` is ``None``.
         """
         if hidden_states.ndim != 5:
             raise ValueError(
@@ -290,9 +353,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(f"`frame_offset` must be a non-negative integer, got {frame_offset!r}.")
         if update_cache and kv_cache is None:
             raise ValueError("`update_cache=True` needs a `kv_cache`.")
+        if cache_only and not update_cache:
+            raise ValueError("`cache_only=True` writes the cache: it needs `update_cache=True` (and a `kv_cache`).")
 
         # 1. Frame bookkeeping: timesteps, positions and the attention plan.
         frame_t = self._frame_timesteps(timestep, batch, frames, "timestep", hidden_states.device)
+        if history is None and (not torch.is_tensor(timestep) or timestep.ndim < 2):
+            frame_t = frame_t[:, :1]  # one timestep for every frame: one modulation, broadcast over the frames
         history_frames = 0
         if history is not None:
             if history.shape[0] != batch or history.shape[1] != hidden_states.shape[1] or history.shape[3:] != (
@@ -337,6 +404,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             context.update_cache = update_cache
             context.visible = kv_cache.visible_frames(frame_offset, frames)
             context.visible_slots = kv_cache.locate(context.visible)
+            context.cache_only = cache_only
+            context.cache_only_layer = len(self.blocks) - 1
             if kv_cache.rope == "relative":
                 n_visible = len(context.visible)
                 positions = torch.arange(n_visible, n_visible + frames)
@@ -361,6 +430,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 "raise `rope_max_seq_len`."
             )
         context.rope = self._rope(positions, pph, ppw)
+        if kv_cache is not None:
+            context.scratch = kv_cache.scratch_slots(
+                context.visible, frame_offset, frames, tokens_per_frame)
 
         # 2. Embeddings.
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
@@ -408,12 +480,18 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             if update_cache:
                 kv_cache.write(frame_offset, context.pending)
 
+        if cache_only:
+            return Transformer2DModelOutput(sample=None) if return_dict else (None,)
+
         # 5. Output norm, projection and unpatchify (noisy frames only).
         tokens = tokens[:, : frames * tokens_per_frame]
         temb = temb[:, :frames]
         shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
         tokens = tokens.unflatten(1, (frames, tokens_per_frame))
-        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
+        if tokens.dtype == torch.float32:
+            tokens = self.norm_out(tokens) * (1 + scale) + shift
+        else:
+            tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         tokens = self.proj_out(tokens)
         tokens = tokens.reshape(batch, frames, pph, ppw, p_t, p_h, p_w, -1)
         output = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)

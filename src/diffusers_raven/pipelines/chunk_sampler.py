@@ -39,7 +39,8 @@ __all__ = ["CacheDenoiser", "ChunkSampler", "ChunkTrajectory", "Denoiser"]
 
 
 class Denoiser(Protocol):
-    """``(latents, timestep, frame_offset, update_cache) -> velocity`` of one chunk through a KV cache."""
+    """``(latents, timestep, frame_offset, update_cache) -> velocity`` of one chunk through a KV cache. A context pass
+    (``update_cache=True``) only has to write the cache; its return value is not read (it may be ``None``)."""
 
     def __call__(self, latents: torch.Tensor, timestep: float, frame_offset: int, update_cache: bool = False):
         ...
@@ -79,6 +80,9 @@ class CacheDenoiser:
 
     ``prompt_embeds`` / ``negative_prompt_embeds`` may be reassigned between chunks (a prompt switch).
     ``transformer`` may be a distributed wrapper of the model (a trainer's ``model``).
+
+    A context pass (``update_cache=True``) runs the transformer in its cache-only mode (``cache_only=True``: the last
+    block stops once its keys and values are taken, no output head) and returns ``None``.
     """
 
     def __init__(
@@ -103,7 +107,7 @@ class CacheDenoiser:
 
     def __call__(
         self, latents: torch.Tensor, timestep: float, frame_offset: int, update_cache: bool = False
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         if self.do_classifier_free_guidance:
             batched = torch.cat([latents, latents])
             embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
@@ -117,9 +121,10 @@ class CacheDenoiser:
             kv_cache=self.kv_cache,
             frame_offset=frame_offset,
             update_cache=update_cache,
+            cache_only=update_cache,
             attention_kwargs=self.attention_kwargs,
         ).sample
-        if not self.do_classifier_free_guidance:
+        if velocity is None or not self.do_classifier_free_guidance:
             return velocity
         return self.guide(*velocity.chunk(2))
 

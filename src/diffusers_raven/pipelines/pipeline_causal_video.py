@@ -283,7 +283,7 @@ class _PipelineDenoiser(CacheDenoiser):
 
     def __call__(
         self, latents: torch.Tensor, timestep: float, frame_offset: int, update_cache: bool = False
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         pipe = self.pipeline
         pipe._current_timestep = torch.tensor(float(timestep))
         scale = float(pipe._guidance_scale)

@@ -185,3 +185,50 @@ def test_inductor_compiled_blocks_match_eager(tiny_config):
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_pipeline_compile_switch_matches_eager():
+    from diffusers_raven.pipelines.presets import load_pipeline
+
+    torch._dynamo.reset()
+    pipe, _ = load_pipeline("random-tiny")
+    pipe.set_progress_bar_config(disable=True)
+
+    def video():
+        return pipe("a red circle", num_frames=21, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    eager = video()
+    backend = CountingBackend()
+    assert not pipe.is_compiled
+    pipe.enable_compile(backend=backend)
+    assert pipe.is_compiled
+    compiled = video()
+    assert backend.graphs > 0
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    pipe.disable_compile()
+    assert not pipe.is_compiled
+    graphs = backend.graphs
+    torch.testing.assert_close(video(), eager, rtol=0, atol=0)
+    assert backend.graphs == graphs
+    torch._dynamo.reset()
+
+
+def test_cli_compile_flag(tmp_path, monkeypatch):
+    from diffusers_raven import CausalVideoPipeline
+    from diffusers_raven.cli import main
+
+    calls = []
+    original = CausalVideoPipeline.enable_compile
+
+    def enable_compile(self, **kwargs):
+        calls.append(kwargs)
+        original(self, backend="eager")
+
+    monkeypatch.setattr(CausalVideoPipeline, "enable_compile", enable_compile)
+    torch._dynamo.reset()
+    output = tmp_path / "video.gif"
+    argv = ["generate", "--model", "random-tiny", "--prompt", "a blue square", "--height", "32", "--width", "32", "--frames", "9", "--compile"]
+    assert main([*argv, "--output", str(output), "--quiet"]) == 0
+    assert calls == [{}] and output.exists()
+    torch._dynamo.reset()

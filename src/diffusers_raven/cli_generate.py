@@ -159,6 +159,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--output", default="raven.mp4", metavar="PATH", help="output file, .mp4 or .gif (default: raven.mp4)"
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the transformer blocks with torch.compile (pipe.enable_compile(); pays on GPUs and large models, "
+        "not for the bundled model on a CPU; the first chunks include the compilation)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors and notes")
     parser.set_defaults(func=run_generate)
     return parser
@@ -299,6 +305,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe, description = load_pipeline(args.model)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if args.compile:
+        pipe.enable_compile()
     height = args.height or pipe.default_height
     width = args.width or pipe.default_width
     say(f"model: {description} (loaded in {time.perf_counter() - t_load:.1f} s, device {device})")

@@ -252,9 +252,13 @@ class CausalWanAttnProcessor:
             out = self._self_attention(attn, hidden_states, context)
             if out is None:  # a cache-only pass stops here
                 return None
+        return self.project_out(attn, out, hidden_states.dtype)
+
+    def project_out(self, attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The output projection of attention ``out`` ``[B, L, heads, dim]``."""
         out = out.flatten(2, 3)
-        if out.dtype != hidden_states.dtype:
-            out = out.to(hidden_states.dtype)
+        if out.dtype != dtype:
+            out = out.to(dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -283,15 +287,18 @@ class CausalWanAttnProcessor:
             key, value = self.text_kv(attn, encoder_hidden_states, context)
         return self._attend(query, key, value)
 
-    def _self_attention(self, attn, hidden_states, context) -> torch.Tensor | None:
+    def project_qkv(self, attn, hidden_states, context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention ``query``, ``key`` (both rotated), ``value`` and the key before rotation, ``[B, L, heads,
+        dim]``: the per-token part of self-attention."""
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        raw_key = key
         cos, signed_sin = context.rope
-        query = apply_rotary_full(query, cos, signed_sin)
-        key = apply_rotary_full(key, cos, signed_sin)
+        return apply_rotary_full(query, cos, signed_sin), apply_rotary_full(key, cos, signed_sin), value, key
+
+    def _self_attention(self, attn, hidden_states, context) -> torch.Tensor | None:
+        query, key, value, raw_key = self.project_qkv(attn, hidden_states, context)
         if torch.compiler.is_compiling():
             return _attend_planned_outside_graph(self, query, key, value, raw_key, context)
         return self._attend_planned(query, key, value, raw_key, context)

@@ -26,6 +26,8 @@ from diffusers.utils import apply_lora_scale
 from .attention import (
     CausalAttentionContext,
     CausalWanAttnProcessor,
+    _attend_planned_outside_graph,
+    _text_kv_outside_graph,
     attention_groups,
     block_causal_frame_mask,
     interleaved_frame_mask,
@@ -66,7 +68,17 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
     h32 = hidden_states if fp32 else hidden_states.float()
     norm = per_frame(block.norm1(h32)) * (1 + scale_msa) + shift_msa
     norm = norm.reshape(batch, -1, dim)
-    attn_output = block.attn1(norm if fp32 else norm.to(dtype), None, None, None, context=context)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: the attention module's steps, with the attention plan run between two graphs from
+        # this frame (a break inside the module's call would split every frame of the call stack). Hooks on the
+        # attention modules themselves do not run on this path.
+        attn, processor = block.attn1, block.attn1.processor
+        query, key, value, raw_key = processor.project_qkv(attn, norm if fp32 else norm.to(dtype), context)
+        attn_output = _attend_planned_outside_graph(processor, query, key, value, raw_key, context)
+        if attn_output is not None:
+            attn_output = processor.project_out(attn, attn_output, dtype)
+    else:
+        attn_output = block.attn1(norm if fp32 else norm.to(dtype), None, None, None, context=context)
     if attn_output is None:  # the last block of a cache-only pass: its keys and values are all that is needed
         if not context.use_text_cache and context.kv_cache is not None:
             block.attn2.processor.text_kv(block.attn2, encoder_hidden_states, context)
@@ -76,8 +88,14 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
         hidden_states = hidden_states.to(dtype)
 
     norm = block.norm2(hidden_states if fp32 else hidden_states.float())
-    hidden_states = hidden_states + block.attn2(norm if fp32 else norm.type_as(hidden_states), encoder_hidden_states,
-                                                None, None, context=context)
+    norm = norm if fp32 else norm.type_as(hidden_states)
+    if torch.compiler.is_compiling():
+        attn, processor = block.attn2, block.attn2.processor
+        query = attn.norm_q(attn.to_q(norm)).unflatten(2, (attn.heads, -1))
+        key, value = _text_kv_outside_graph(processor, attn, encoder_hidden_states, context)
+        hidden_states = hidden_states + processor.project_out(attn, processor._attend(query, key, value), dtype)
+    else:
+        hidden_states = hidden_states + block.attn2(norm, encoder_hidden_states, None, None, context=context)
 
     h32 = hidden_states if fp32 else hidden_states.float()
     norm = (per_frame(block.norm3(h32)) * (1 + c_scale_msa) + c_shift_msa).reshape(batch, -1, dim)

@@ -407,6 +407,29 @@ class CausalVideoPipeline(DiffusionPipeline):
                 ) from err
         return super().from_pretrained(path, **kwargs)
 
+    # ------------------------------------------------------------------ compiled path
+    def enable_compile(self, **compile_kwargs) -> None:
+        """Compile the transformer's repeated blocks with ``torch.compile`` (regional compilation, diffusers'
+        ``transformer.compile_repeated_blocks(**compile_kwargs)``; default backend ``"inductor"``).
+
+        Each block's per-token work (norms, modulation, projections, rotary embedding, FFN, cross-attention) is
+        compiled; the attention plan (the KV-cache reads and writes over a history that grows from chunk to chunk)
+        runs between graphs, so a stream compiles during its first chunks and never again, with a global or a
+        windowed cache. ``fullgraph=True`` is not supported (the plan is a graph break). Off by default: on a CPU, at
+        the bundled model's sizes, the compiled blocks are not faster (see ``docs/performance.md``).
+        """
+        self.transformer.compile_repeated_blocks(**compile_kwargs)
+
+    def disable_compile(self) -> None:
+        """Run the transformer's blocks eagerly again (undo :meth:`enable_compile`; compiled code stays cached)."""
+        for block in self.transformer.blocks:
+            block._compiled_call_impl = None
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the transformer's blocks run compiled (:meth:`enable_compile`)."""
+        return any(getattr(block, "_compiled_call_impl", None) is not None for block in self.transformer.blocks)
+
     # ------------------------------------------------------------------ sizes
     @property
     def chunk_frames(self) -> int:

@@ -28,7 +28,7 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(out, launcher: str, jobs: str, *flags) -> None:
+def _launch(out, launcher: str, jobs: str, *flags, script: str = SCRIPT) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_YAML, "--num_processes", "2",
@@ -36,7 +36,7 @@ def _launch(out, launcher: str, jobs: str, *flags) -> None:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_port())]
-    subprocess.run([*cmd, SCRIPT, "--output-dir", str(out), "--jobs", jobs, *flags], check=True, env=env, timeout=900,
+    subprocess.run([*cmd, script, "--output-dir", str(out), "--jobs", jobs, *flags], check=True, env=env, timeout=900,
                    cwd=out)
 
 

@@ -17,9 +17,10 @@ __all__ = ["brightness", "build", "losses", "redness"]
 
 
 def build(output_dir: str, max_steps: int = 2, save_steps: int = 1, reward_funcs=None, peft_config=None,
-          **overrides):
+          train_dataset=None, **overrides):
     """A 6-chunk video (18 latent frames, 3-frame chunks) of 32×32 pixels, 3 branches, a 2-chunk routed stretch, a
-    window of 9 frames with 1 sink and a pool of 12 (3 older frames beyond the window's 8)."""
+    window of 9 frames with 1 sink and a pool of 12 (3 older frames beyond the window's 8); four prompts unless
+    ``train_dataset`` is given."""
     from datasets import Dataset
 
     from diffusers_raven import KVPOConfig, KVPOTrainer
@@ -35,8 +36,8 @@ def build(output_dir: str, max_steps: int = 2, save_steps: int = 1, reward_funcs
     )
     args = KVPOConfig(**{**settings, **overrides})
     funcs = reward_funcs if reward_funcs is not None else [brightness, redness]
-    return KVPOTrainer(model=pipe, reward_funcs=funcs, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-                       peft_config=peft_config)
+    dataset = train_dataset if train_dataset is not None else Dataset.from_dict({"prompt": prompts})
+    return KVPOTrainer(model=pipe, reward_funcs=funcs, args=args, train_dataset=dataset, peft_config=peft_config)
 
 
 def losses(trainer) -> list[float]:

@@ -89,6 +89,16 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``module`` (no communication): its parameters are the ``DTensor`` shards again.
+    FSDP2 keeps the root's parameters gathered after a forward pass, as plain tensors, until the next reshard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor of a ``DTensor`` (a collective), or the tensor itself."""
     from torch.distributed.tensor import DTensor

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from ..training.kvpo import ENERGY_SPACES, FUSIONS, GATES
 from .config import VideoTrainerConfig
 
+#: How the fork chunk is drawn: per prompt, or once per generation batch for every prompt and process.
+FORK_SAMPLINGS = ("prompt", "batch")
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -44,6 +47,10 @@ class KVPOConfig(VideoTrainerConfig):
         drawn per prompt, uniformly in `[fork_start_chunk, fork_end_chunk]`. Default start: the first chunk at which
         the cache holds enough routable frames for `num_branches` distinct plans of `selected_frames` frames; default
         end: the last chunk at which the routed stretch still fits in the video.
+    fork_sampling (`str`, defaults to `"prompt"`): `"prompt"` draws a fork per prompt (seeded by the prompt's place
+        in the global generation batch, so the draws do not depend on the number of processes); `"batch"` draws one
+        fork per generation batch, shared by every prompt and process. FSDP needs `"batch"`: a sharded forward pass is
+        a collective, so every process must run as many passes (a branch rolls from its fork to the end of the video).
 
     > Parameters that control the rewards and advantages
 
@@ -74,6 +81,10 @@ class KVPOConfig(VideoTrainerConfig):
         under LoRA, else a frozen copy of the start).
     old_policy_sync_every (`int`, defaults to `1`): generation batches between two copies of the trained weights
         into the old policy of the ratio's denominator; `1`: the policy that made the rollouts.
+    branches_per_backward (`int`, *optional*): replay this many branches with gradients per backward pass, their
+        energies' gradients weighted by the loss's gradient with respect to each energy (computed from the energies
+        replayed once without gradients): the same gradient, with the activations of that many branches instead of
+        all of a prompt's, for one more replay without gradients. Default: the prompt's branches in one backward pass.
     """
 
     # Branches
@@ -92,6 +103,11 @@ class KVPOConfig(VideoTrainerConfig):
     )
     fork_end_chunk: int | None = field(
         default=None, metadata={"help": "Latest chunk at which it starts (default: the last at which it fits)."}
+    )
+    fork_sampling: str = field(
+        default="prompt",
+        metadata={"help": f"One fork per prompt or per generation batch (shared by all processes; FSDP needs it), one of "
+                          f"{FORK_SAMPLINGS}."},
     )
     # Rewards and advantages
     local_reward_weights: list[float] | None = field(
@@ -114,6 +130,10 @@ class KVPOConfig(VideoTrainerConfig):
     old_policy_sync_every: int = field(
         default=1, metadata={"help": "Generation batches between two syncs of the old policy."}
     )
+    branches_per_backward: int | None = field(
+        default=None,
+        metadata={"help": "Branches replayed with gradients per backward pass (default: all of a prompt's in one)."},
+    )
     # Defaults changed for KVPO
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Prompts per micro-batch and process."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (of the LoRA adapter by default)."})
@@ -135,6 +155,14 @@ class KVPOConfig(VideoTrainerConfig):
                 f"`fork_end_chunk` must be an integer ≥ `fork_start_chunk` ({self.fork_start_chunk or 1}) or None, "
                 f"got {self.fork_end_chunk!r}."
             )
+        if self.branches_per_backward is not None and (
+            not _is_int(self.branches_per_backward) or self.branches_per_backward < 1
+        ):
+            raise ValueError(
+                f"`branches_per_backward` must be an integer ≥ 1 or None, got {self.branches_per_backward!r}."
+            )
+        if self.fork_sampling not in FORK_SAMPLINGS:
+            raise ValueError(f"`fork_sampling` must be one of {FORK_SAMPLINGS}, got {self.fork_sampling!r}.")
         if self.window_frames is not None and self.recent_frames > self.window_frames - self.sink_frames:
             raise ValueError(
                 f"`recent_frames` ({self.recent_frames}) is larger than the window: at most `window_frames - "

@@ -49,6 +49,7 @@ from ..training.kvpo import (
     trajectory_velocity_energy,
 )
 from ..training.rollout import RolloutRecord, pack_interleaved
+from . import fsdp
 from .base import CausalVideoTrainerBase, reward_name, score_videos
 from .kvpo_config import KVPOConfig
 
@@ -82,16 +83,26 @@ class PromptSchedule:
 
 
 class _PolicyWeights:
-    """The trained weights at the last old-policy sync (``old_policy_sync_every > 1``), saved in checkpoints."""
+    """The trained weights at the last old-policy sync (``old_policy_sync_every > 1``), saved in checkpoints.
 
-    def __init__(self) -> None:
+    ``parameters`` returns the live trainable parameters by name: under FSDP they are ``DTensor`` shards, the copies
+    are too (each process keeps its shard), checkpoints hold the full tensors (gathered by the trainer) and
+    :meth:`load_state_dict` lays them out as the parameters again."""
+
+    def __init__(self, parameters=None) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._parameters = parameters
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.tensors = {k: v.clone() for k, v in state.items()}
+        params = self._parameters() if self._parameters is not None else {}
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise ValueError(f"The old-policy state lacks trainable weights: {missing[:3]}...")
+        self.tensors = {k: fsdp.shard_like(v, params[k]).clone() if k in params else v.clone()
+                        for k, v in state.items()}
 
 
 class KVPOTrainer(CausalVideoTrainerBase):
@@ -136,13 +147,18 @@ class KVPOTrainer(CausalVideoTrainerBase):
                 f"`local_reward_weights` has {len(args.local_reward_weights)} entries for {len(self.reward_funcs)} "
                 "reward functions."
             )
+        if self.is_fsdp_enabled and args.fork_sampling != "batch":
+            raise ValueError(
+                f"FSDP needs `fork_sampling='batch'` (got {args.fork_sampling!r}): every sharded forward pass is a "
+                "collective, so every process must roll its branches from the same fork (one per generation batch)."
+            )
         self._check_geometry(args)
         self._check_schedules(train_dataset, eval_dataset)
         ones = [1.0] * len(self.reward_funcs)
         self.global_weights = torch.tensor(args.reward_weights or ones, dtype=torch.float64)
         self.local_weights = torch.tensor(args.local_reward_weights or ones, dtype=torch.float64)
         self._init_reference(ref_model, needed=args.beta > 0)
-        self._old_policy = _PolicyWeights() if args.old_policy_sync_every > 1 else None
+        self._old_policy = _PolicyWeights(self._trainable) if args.old_policy_sync_every > 1 else None
 
     # ------------------------------------------------------------------ set-up
     def routable_frame_count(self, fork_chunk: int, last_switch: int | None = None) -> int:
@@ -285,20 +301,32 @@ class KVPOTrainer(CausalVideoTrainerBase):
         return schedule
 
     def _check_schedules(self, train_dataset, eval_dataset) -> None:
-        """Every row's schedule (bad ones fail here, before any rollout); `eval_dataset` has one prompt a row."""
-        prompts = train_dataset["prompt"]
-        if "switch_frames" in train_dataset.column_names:
-            switches = train_dataset["switch_frames"]
-        else:
-            switches = [None] * len(prompts)
-        for prompt, switch_frames in zip(prompts, switches):
-            self.prompt_schedule(prompt, switch_frames)
+        """Every row's schedule (bad ones fail here, before any rollout; the rows of a streaming dataset when they
+        are drawn); `eval_dataset` has one prompt a row."""
+        if not isinstance(train_dataset, torch.utils.data.IterableDataset):
+            prompts = train_dataset["prompt"]
+            if "switch_frames" in train_dataset.column_names:
+                switches = train_dataset["switch_frames"]
+            else:
+                switches = [None] * len(prompts)
+            for prompt, switch_frames in zip(prompts, switches):
+                self._check_fsdp_schedule(self.prompt_schedule(prompt, switch_frames))
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
             if any(not isinstance(p, str) for p in eval_dataset["prompt"]):
                 raise ValueError(
                     "`eval_dataset` must have one prompt (a string) a row: `evaluate()` generates one video per "
                     "prompt; prompt schedules are for training."
                 )
+
+    def _check_fsdp_schedule(self, schedule: PromptSchedule) -> None:
+        """Prompt schedules do not train under FSDP: their re-caches and replays run a number of forward passes that
+        depends on the row, and under FSDP every pass is a collective all processes must join."""
+        if self.is_fsdp_enabled and len(schedule.prompts) > 1:
+            raise ValueError(
+                f"Prompt schedules (a row with {len(schedule.prompts)} prompts) do not train under FSDP: the number "
+                "of forward passes of their re-caches depends on the row, and every sharded pass is a collective. "
+                "Train them with DDP or one process, or use one prompt a row."
+            )
 
     def model_card_fields(self) -> dict:
         args = self.args
@@ -321,7 +349,9 @@ class KVPOTrainer(CausalVideoTrainerBase):
 
     # ------------------------------------------------------------------ rollouts
     def _draw_fork(self, schedule: PromptSchedule, key: str) -> int:
-        generator = self._seeded(f"{key}/fork")
+        """The fork of a row (``key``: generation batch and sample): its own draw, or with ``fork_sampling='batch'``
+        the generation batch's draw, the same for every prompt and process."""
+        generator = self.shared_generator("fork") if self.args.fork_sampling == "batch" else self._seeded(f"{key}/fork")
         if not schedule.switch_chunks:
             return int(torch.randint(self.fork_start_chunk, self.fork_end_chunk + 1, (1,), generator=generator))
         forks = self.allowed_forks(schedule)
@@ -370,6 +400,8 @@ class KVPOTrainer(CausalVideoTrainerBase):
         rows = len(inputs["prompt"])
         switch_frames = inputs.get("switch_frames", [None] * rows)
         schedules = [self.prompt_schedule(p, f) for p, f in zip(inputs["prompt"], switch_frames)]
+        for schedule in schedules:
+            self._check_fsdp_schedule(schedule)
         # `prompt` holds each row's first prompt from here on (its `prompt_embeds`); `kvpo` entries hold the rest
         inputs = super()._generate({**inputs, "prompt": [s.prompts[0] for s in schedules]})
         args = self.args
@@ -583,6 +615,11 @@ class KVPOTrainer(CausalVideoTrainerBase):
                                           args.sigma_floor)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters by name; under FSDP their ``DTensor`` shards. FSDP2 keeps the root module's
+        parameters gathered after a forward pass (they are then plain full tensors, and writes to them are lost at the
+        next reshard), so the modules are resharded first."""
+        if self.is_fsdp_enabled:
+            fsdp.reshard(self.student)
         return {n: p for n, p in self.student.named_parameters() if p.requires_grad}
 
     @contextlib.contextmanager
@@ -640,19 +677,64 @@ class KVPOTrainer(CausalVideoTrainerBase):
         return path
 
     # ------------------------------------------------------------------ the policy's loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _entry_loss(self, energy: torch.Tensor, entry: dict) -> tuple[torch.Tensor, dict]:
         args = self.args
-        text = inputs["prompt_embeds"]
+        loss, stat = kvpo_loss(energy, entry["advantages"].to(energy.device), entry.get("old_log_policy"),
+                               entry.get("ref_log_policy"), args.beta, args.epsilon_low, args.epsilon_high,
+                               args.max_log_ratio)
+        return loss * entry["gate_scale"], stat
+
+    def _loss_scale(self, num_items_in_batch) -> float:
+        """The factor ``Trainer.training_step`` applies to the returned loss before its backward pass (gradient
+        accumulation), for the backward passes :meth:`compute_loss` runs itself."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        return 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+
+    def _backward_per_branches(self, model, text: torch.Tensor, entries: list[dict], num_items_in_batch):
+        """``branches_per_backward``: the gradient of the micro-batch's loss through one backward pass per slice of
+        ``branches_per_backward`` branches. The loss depends on the weights only through the energies, so with
+        ``w_g = ∂L/∂E_g`` (from energies computed without gradients) ``∇L = Σ_g w_g ∇E_g``: each slice's energies are
+        replayed with gradients and ``Σ w_g E_g`` is backpropagated, then freed. Every process runs as many passes
+        (none is skipped, even with zero weights: under FSDP each is a collective)."""
+        per = self.args.branches_per_backward
+        scale = self._loss_scale(num_items_in_batch) / len(entries)
         losses, stats, energies = [], [], []
-        for i, entry in enumerate(inputs["kvpo"]):
-            energy = self._energy(model, text[i : i + 1], entry, grad=True)
-            loss, stat = kvpo_loss(energy, entry["advantages"].to(energy.device), entry.get("old_log_policy"),
-                                   entry.get("ref_log_policy"), args.beta, args.epsilon_low, args.epsilon_high,
-                                   args.max_log_ratio)
-            losses.append(loss * entry["gate_scale"])
-            stats.append(stat)
-            energies.append(energy.detach())
-        loss = torch.stack(losses).mean().float()
+        for i, entry in enumerate(entries):
+            with torch.no_grad():
+                energy = self._energy(model, text[i : i + 1], entry)
+            leaf = energy.detach().requires_grad_()
+            with torch.enable_grad():
+                loss, stat = self._entry_loss(leaf, entry)
+                (weights,) = torch.autograd.grad(loss.float() * scale, leaf)
+            for start in range(0, len(energy), per):
+                rows = slice(start, min(start + per, len(energy)))
+                part = self._energy(model, text[i : i + 1], entry, rows=rows, grad=True)
+                self.accelerator.backward((weights[rows].to(part.dtype) * part).sum())
+            losses.append(loss.detach())
+            stats.append({k: v.detach() for k, v in stat.items()})
+            energies.append(energy)
+        # Trainer runs its backward on the returned loss: a leaf, so that pass reaches no weight
+        return torch.stack(losses).mean().float().requires_grad_(), stats, energies
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-batch's KVPO loss (the mean over its prompts). With ``branches_per_backward``, while training, the
+        gradient is already accumulated here, by a backward pass per slice of branches
+        (:meth:`_backward_per_branches`), and the returned loss is a leaf."""
+        text = inputs["prompt_embeds"]
+        if self.args.branches_per_backward is not None and model.training and torch.is_grad_enabled():
+            loss, stats, energies = self._backward_per_branches(model, text, inputs["kvpo"], num_items_in_batch)
+        else:
+            losses, stats, energies = [], [], []
+            for i, entry in enumerate(inputs["kvpo"]):
+                energy = self._energy(model, text[i : i + 1], entry, grad=True)
+                loss, stat = self._entry_loss(energy, entry)
+                losses.append(loss)
+                stats.append(stat)
+                energies.append(energy.detach())
+            loss = torch.stack(losses).mean().float()
         for name in stats[0]:
             value = torch.stack([s[name] for s in stats]).mean()
             self.log_metric("kl" if name == "kvpo/kl" else name, value)

@@ -232,3 +232,20 @@ def test_cli_compile_flag(tmp_path, monkeypatch):
     assert main([*argv, "--output", str(output), "--quiet"]) == 0
     assert calls == [{}] and output.exists()
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_compiled_cache_only_first_pass_writes_the_same_cache(tiny_config):
+    """A prefill (a cache-only pass that is the prompt's first) under compilation writes the eager cache."""
+    torch._dynamo.reset()
+    model = CausalWanTransformer3DModel(**tiny_config).eval()
+    text, chunks = _text(), _chunks(2)
+    eager = KVCache.for_model(model, 1)
+    for index, x in enumerate(chunks):
+        model(x, torch.zeros(1), text, kv_cache=eager, frame_offset=3 * index, update_cache=True)
+    model.compile_repeated_blocks(backend=CountingBackend())
+    compiled = KVCache.for_model(model, 1)
+    for index, x in enumerate(chunks):
+        model(x, torch.zeros(1), text, kv_cache=compiled, frame_offset=3 * index, update_cache=True, cache_only=True)
+    _assert_same_cache(eager, compiled)
+    torch._dynamo.reset()

@@ -81,7 +81,8 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
         attn_output = block.attn1(norm if fp32 else norm.to(dtype), None, None, None, context=context)
     if attn_output is None:  # the last block of a cache-only pass: its keys and values are all that is needed
         if not context.use_text_cache and context.kv_cache is not None:
-            block.attn2.processor.text_kv(block.attn2, encoder_hidden_states, context)
+            text_kv = _text_kv_outside_graph if torch.compiler.is_compiling() else type(block.attn2.processor).text_kv
+            text_kv(block.attn2.processor, block.attn2, encoder_hidden_states, context)
         return hidden_states
     hidden_states = (per_frame(h32) + per_frame(attn_output) * gate_msa).reshape(batch, -1, dim)
     if not fp32:
@@ -89,7 +90,7 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
 
     norm = block.norm2(hidden_states if fp32 else hidden_states.float())
     norm = norm if fp32 else norm.type_as(hidden_states)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and block.attn2.add_k_proj is None:
         attn, processor = block.attn2, block.attn2.processor
         query = attn.norm_q(attn.to_q(norm)).unflatten(2, (attn.heads, -1))
         key, value = _text_kv_outside_graph(processor, attn, encoder_hidden_states, context)

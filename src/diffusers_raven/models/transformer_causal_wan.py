@@ -36,11 +36,6 @@ from .attention import (
 )
 from .kv_cache import KVCache, check_window
 
-try:
-    from torch.distributed.fsdp import FSDPModule as _FSDPModule
-except ImportError:  # pragma: no cover - torch without distributed
-    _FSDPModule = None
-
 ATTENTION_MODES = ("full", "block_causal")
 
 
@@ -106,11 +101,6 @@ def _block_forward(block, hidden_states, encoder_hidden_states, modulation, cont
     )
     hidden_states = hidden_states.reshape(batch, -1, dim)
     return hidden_states if fp32 else hidden_states.to(dtype)
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is sharded by FSDP2 (its parameters are gathered for each forward)."""
-    return _FSDPModule is not None and isinstance(module, _FSDPModule)
 
 
 def _text_fingerprint(encoder_hidden_states: torch.Tensor) -> tuple:
@@ -251,18 +241,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         raise ValueError(f"`{name}` must be a scalar, [batch] or [batch, frames] tensor, got {timestep.ndim} dims.")
 
     def _embed_time(self, frame_timesteps: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame ``temb`` ``[B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (Wan's condition embedder).
-
-        Without gradients the result is memoised by timestep values: a stream runs the same few timesteps for every
-        chunk. The memo is keyed on the embedder's weights (their storage and version counters, so an optimizer step
-        or a load invalidates it) and holds a few entries."""
+        """Per-frame ``temb`` ``[B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (Wan's condition embedder)."""
         embedder = self.condition_embedder
-        memo_key = None
-        if not torch.is_grad_enabled() and frame_timesteps.device.type == "cpu" and frame_timesteps.numel() <= 1024:
-            memo_key = self._time_memo_key(frame_timesteps, dtype)
-            memo = self.__dict__.setdefault("_time_memo", {})
-            if memo_key is not None and memo_key in memo:
-                return memo[memo_key]
         batch, frames = frame_timesteps.shape
         proj = embedder.timesteps_proj(frame_timesteps.flatten())
         time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
@@ -270,23 +250,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             proj = proj.to(time_dtype)
         temb = embedder.time_embedder(proj).to(dtype)
         modulation = embedder.time_proj(embedder.act_fn(temb))
-        result = temb.unflatten(0, (batch, frames)), modulation.unflatten(0, (batch, frames)).unflatten(2, (6, -1))
-        if memo_key is not None:
-            if len(memo) >= 16:
-                memo.pop(next(iter(memo)))
-            memo[memo_key] = result
-        return result
-
-    def _time_memo_key(self, frame_timesteps: torch.Tensor, dtype: torch.dtype) -> tuple | None:
-        """The memo key of :meth:`_embed_time`, or ``None`` where memoising is not safe (a sharded model, adapters on
-        the embedder: their weights change outside the version counters this key reads)."""
-        embedder = self.condition_embedder
-        modules = (embedder.time_embedder.linear_1, embedder.time_embedder.linear_2, embedder.time_proj)
-        if any(type(m) is not torch.nn.Linear for m in modules) or _is_sharded(self):
-            return None
-        weights = tuple((p.data_ptr(), p._version) for m in modules for p in (m.weight, m.bias) if p is not None)
-        values = tuple(frame_timesteps.flatten().tolist())
-        return (values, tuple(frame_timesteps.shape), str(frame_timesteps.device), dtype, weights)
+        return temb.unflatten(0, (batch, frames)), modulation.unflatten(0, (batch, frames)).unflatten(2, (6, -1))
 
     # ------------------------------------------------------------------ forward
     @apply_lora_scale("attention_kwargs")

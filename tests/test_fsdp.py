@@ -28,11 +28,11 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(out, launcher: str, jobs: str, *flags, script: str = SCRIPT) -> None:
+def _launch(out, launcher: str, jobs: str, *flags, script: str = SCRIPT, mixed_precision: str = "no") -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_YAML, "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_port())]
+               "--mixed_precision", mixed_precision, "--main_process_ip", "127.0.0.1", "--main_process_port", str(_port())]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_port())]
@@ -184,3 +184,51 @@ def test_fsdp1_on_cpu_fails(monkeypatch):
     with pytest.raises(ValueError, match="FSDP2"):
         engage_fsdp(accelerator, types.SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1}))
     assert not engage_fsdp(accelerator, types.SimpleNamespace(fsdp_plugin_args=None))
+
+
+_MIXED_PRECISION_CACHE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+sys.path.insert(0, sys.argv[1])
+from test_pipeline import make_pipeline
+
+from diffusers_raven import KVCache
+from diffusers_raven.trainer.fsdp import keep_block_inputs
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+model = make_pipeline().transformer
+x, t, text = torch.randn(1, 4, 3, 4, 4), torch.zeros(1), torch.randn(1, 16, 32)
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+for block in model.blocks:
+    fully_shard(block, mp_policy=policy)
+fully_shard(model, mp_policy=policy)
+
+
+def cached_frames():
+    cache = KVCache.for_model(model, 1)
+    with torch.no_grad():
+        model(x, t, text, kv_cache=cache, update_cache=True)
+    return cache.num_frames
+
+
+before = cached_frames()
+changed = keep_block_inputs(model)
+print(json.dumps({"before": before, "changed": changed, "after": cached_frames()}))
+dist.destroy_process_group()
+"""
+
+
+def test_bf16_mixed_precision_keeps_the_cache_written():
+    """FSDP2 with bf16 mixed precision casts each unit's inputs by rebuilding them, which hands every block a copy of
+    the pass's attention context (a dataclass the blocks put the new keys and values into): the cache stays empty.
+    ``keep_block_inputs`` (applied by the trainers once the model is sharded) turns that cast off inside the root, and
+    a cached pass of the sharded bf16 model writes its 3 frames."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _MIXED_PRECISION_CACHE, os.path.join(ROOT, "tests"), str(_port())],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["changed"] == 2 and result["after"] == 3, result

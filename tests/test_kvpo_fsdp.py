@@ -24,10 +24,11 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "tiny_kvpo_fsdp.py")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kvpo_fsdp")
-    for name in ("fsdp", "ddp"):
+    for name in ("fsdp", "ddp", "bf16"):
         (root / name).mkdir()
     _launch(root / "fsdp", "accelerate", "kvpo,whole,resume,stream,refuse", script=SCRIPT)
     _launch(root / "ddp", "torchrun", "kvpo,whole", script=SCRIPT)
+    _launch(root / "bf16", "accelerate", "whole", script=SCRIPT, mixed_precision="bf16")
     return root
 
 
@@ -177,3 +178,16 @@ def test_one_backward_per_micro_batch_under_fsdp_gives_the_ddp_weights(runs):
     assert torch.allclose(_t(fsdp["weights"]), _t(ddp["weights"]), atol=1e-5)  # measured 2.8e-7
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
     assert (_t(fsdp["weights"]) - _t(_read(runs, "fsdp", "kvpo")["weights"])).abs().max() > 1e-4
+
+
+def test_bf16_mixed_precision_under_fsdp_trains(runs):
+    """The repository's FSDP configuration as a GPU run uses it, with bf16 mixed precision: the rollouts write the KV
+    cache (else the fork would find no frame to route to and the run would stop), the frozen reference runs under the
+    same autocast, and 2 steps train (finite losses, the weights move)."""
+    bf16, fp32 = _read(runs, "bf16", "whole"), _read(runs, "fsdp", "whole")
+    assert bf16["fsdp"] and len(bf16["losses"]) == 2
+    assert all(torch.isfinite(torch.tensor(bf16["losses"])))
+    start = build(str(runs / "bf16" / "start"), max_steps=1)
+    initial = torch.cat([v.flatten() for v in start.student.state_dict().values()]).double()
+    assert (_t(bf16["weights"]) - initial).abs().max() > 1e-4
+    assert (_t(bf16["weights"]) - _t(fp32["weights"])).abs().max() > 0  # bf16 numerics, not the fp32 run

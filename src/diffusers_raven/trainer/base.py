@@ -344,6 +344,12 @@ class CausalVideoTrainerBase(Trainer):
         if fsdp.engage_fsdp(self.accelerator, self.args):
             self.is_fsdp_enabled = True
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self.is_fsdp_enabled:  # the blocks must write into the model's own attention context (see the function)
+            fsdp.keep_block_inputs(self.student)
+        return model, train_dataloader
+
     def clip_gradients(self, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip ``module``'s gradients to a total norm of ``max_norm`` (sharded or not); returns the norm before."""
         if self.is_fsdp_enabled:

@@ -89,6 +89,32 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def keep_block_inputs(module: torch.nn.Module) -> int:
+    """Turn off FSDP2's cast of the forward inputs on the FSDP units inside ``module`` (keeping the root's); returns
+    how many units changed.
+
+    With mixed precision (``param_dtype`` set) FSDP2 casts every unit's floating-point inputs by rebuilding them
+    (``torch.distributed.utils._apply_to_tensors``): a dataclass argument is replaced by a copy. The causal transformer
+    hands each block its pass's attention context, a dataclass into which the blocks put the new keys and values for
+    the model to write to the KV cache afterwards: a block given a copy writes into the copy, and every cached pass
+    (rollouts, streaming, re-caches) then runs with an empty cache, silently. The root still casts the model's inputs;
+    the blocks' other inputs come out of the root's computation, in the compute dtype already."""
+    import dataclasses
+
+    from torch.distributed.fsdp import FSDPModule
+
+    changed = 0
+    for unit in module.modules():
+        if unit is module or not isinstance(unit, FSDPModule):
+            continue
+        state = unit._get_fsdp_state()
+        policy = state._mp_policy
+        if policy.param_dtype is not None and policy.cast_forward_inputs:
+            state._mp_policy = dataclasses.replace(policy, cast_forward_inputs=False)
+            changed += 1
+    return changed
+
+
 def reshard(module: torch.nn.Module) -> None:
     """Reshard every FSDP2 unit of ``module`` (no communication): its parameters are the ``DTensor`` shards again.
     FSDP2 keeps the root's parameters gathered after a forward pass, as plain tensors, until the next reshard."""

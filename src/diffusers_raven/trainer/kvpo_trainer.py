@@ -455,8 +455,8 @@ class KVPOTrainer(CausalVideoTrainerBase):
                     entry["old_log_policy"] = gibbs_log_policy(self._energy(self.student, text_i, entry))
             elif args.ppo_epochs > 1:
                 entry["old_log_policy"] = gibbs_log_policy(energy)
-            if args.beta > 0:
-                with self.reference_model() as reference:
+            if args.beta > 0:  # a frozen copy is not prepared: the run's mixed precision through autocast
+                with self.reference_model() as reference, self.accelerator.autocast():
                     entry["ref_log_policy"] = gibbs_log_policy(self._energy(reference, text_i, entry))
             gate = safety_gate(improvement, args.gate, energy, anchor_energy)
             entry["gate_scale"] = gate.scale

@@ -26,7 +26,7 @@ Geometries:
 2. ``wan``: Wan-1.3B token geometry: 60 × 104 latents, patch (1, 2, 2) → 1,560 tokens per latent frame, chunks of 3
    latent frames (4,680 query tokens), 12 heads × 128 (model dim 1,536), FFN 8,960, 512 text tokens of 4,096 dims —
    each layer is exactly a Wan-1.3B layer, but the model has 1 layer (``--wan-layers``) with random weights so that a
-   pass fits two CPU cores in seconds. Timed: one sampler-step pass of chunk 7 (index 6, frames 18–20) against a
+   pass takes about 20 s on one thread. Timed: one sampler-step pass of chunk 7 (index 6, frames 18–20) against a
    global cache holding frames 0–17 (random keys and values written chunk by chunk: FLOPs and memory traffic do not
    depend on the values), so ``L_k = 21 × 1,560 = 32,760``. The text keys and values are in the cache (written by an
    untimed pass), as for every pass of a stream after its first.
@@ -58,8 +58,9 @@ attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu``; it is giv
 ``--compiled`` also times a copy of each transformer after ``transformer.compile_repeated_blocks()`` (diffusers'
 ``ModelMixin`` API), interleaved with the eager one; if compiling fails, the script says so and measures eager only.
 
-    python benchmarks/bench_flop_rate.py --output-name flop_rate_baseline     # eager baseline
-    python benchmarks/bench_flop_rate.py --compiled                             # eager and compiled
+    python benchmarks/bench_flop_rate.py --compiled --output-name flop_rate_baseline   # the baseline (on b41943c)
+    python benchmarks/bench_flop_rate.py --compiled                                    # eager and compiled
+    python benchmarks/bench_flop_rate.py --geometries default                          # the default model only
 """
 
 from __future__ import annotations

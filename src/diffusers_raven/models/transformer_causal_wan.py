@@ -306,7 +306,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             cache_only (`bool`):
                 With ``update_cache=True``: only write the chunk's keys and values (the context pass, whose output
                 nobody reads). The last block stops after its key/value projections and the output head is skipped;
-                the cache is written exactly as by a full pass, and ``sample`` is ``None``.
+                the cache is written exactly as by a full pass, and ``sample`` is empty (no frames).
         """
         if hidden_states.ndim != 5:
             raise ValueError(
@@ -463,8 +463,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             if update_cache:
                 kv_cache.write(frame_offset, context.pending)
 
-        if cache_only:
-            return Transformer2DModelOutput(sample=None) if return_dict else (None,)
+        if cache_only:  # no frames are predicted: an empty sample (a tensor, so wrappers such as DDP can carry it)
+            empty = hidden_states.new_empty(batch, self.config.out_channels, 0, height, width)
+            return Transformer2DModelOutput(sample=empty) if return_dict else (empty,)
 
         # 5. Output norm, projection and unpatchify (noisy frames only).
         tokens = tokens[:, : frames * tokens_per_frame]

@@ -124,7 +124,9 @@ class CacheDenoiser:
             cache_only=update_cache,
             attention_kwargs=self.attention_kwargs,
         ).sample
-        if velocity is None or not self.do_classifier_free_guidance:
+        if update_cache:  # a cache-only pass predicts nothing
+            return None
+        if not self.do_classifier_free_guidance:
             return velocity
         return self.guide(*velocity.chunk(2))
 
